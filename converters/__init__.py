@@ -1,0 +1,1 @@
+"""HF checkpoint reading, GGUF writing, quantization, and (later) compression."""

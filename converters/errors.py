@@ -1,0 +1,5 @@
+"""Errors a user can act on: each says what was wrong, where, and what to do."""
+
+
+class ConvertError(Exception):
+    """A checkpoint or a conversion request that edgemoe cannot turn into a GGUF file."""

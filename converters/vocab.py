@@ -1,0 +1,107 @@
+"""Tokenizer -> GGUF metadata, so llama.cpp (and our engine, which tokenizes through it)
+produces exactly the tokens the HF tokenizer does.
+
+Two families: byte-level BPE from tokenizer.json (`tokenizer.ggml.model = "gpt2"`) and
+SentencePiece from tokenizer.model (`"llama"`, as Mixtral uses).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+from gguf import TokenType
+
+from edgemoe.converters.errors import ConvertError
+
+# llama.cpp names pre-tokenizers by the regex they implement; these are the Split regexes
+# of HF tokenizer.json files that map to each name.
+_SPLIT_REGEX_PRE = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
+}
+
+
+def write_vocab(w: gguf.GGUFWriter, folder: Path, vocab_size: int) -> str:
+    """Add the tokenizer of checkpoint `folder`; returns the tokenizer model name written."""
+    if (folder / "tokenizer.model").is_file():
+        _write_sentencepiece(w, folder, vocab_size)
+        return "llama"
+    if (folder / "tokenizer.json").is_file():
+        _write_bpe(w, folder, vocab_size)
+        return "gpt2"
+    raise ConvertError(f"{folder} has neither tokenizer.json nor tokenizer.model; "
+                       "copy the tokenizer files of the original model into it")
+
+
+def _write_bpe(w: gguf.GGUFWriter, folder: Path, vocab_size: int) -> None:
+    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        raise ConvertError(f"{folder / 'tokenizer.json'}: tokenizer model {model.get('type')!r} is not supported "
+                           "(byte-level BPE or a SentencePiece tokenizer.model are)")
+    by_id: dict[int, str] = {i: tok for tok, i in model["vocab"].items()}
+    types: dict[int, int] = {}
+    for added in spec.get("added_tokens", []):
+        by_id[added["id"]] = added["content"]
+        types[added["id"]] = TokenType.CONTROL if added.get("special") else TokenType.USER_DEFINED
+    n = max(vocab_size, max(by_id) + 1)
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(n)]
+    toktypes = [types.get(i, TokenType.NORMAL if i in by_id else TokenType.UNUSED) for i in range(n)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(_bpe_pre_name(spec, folder))
+    w.add_token_list(tokens)
+    w.add_token_types(toktypes)
+    w.add_token_merges(merges)
+    gguf.SpecialVocab(folder, load_merges=False, n_vocab=n).add_to_gguf(w, quiet=True)
+
+
+def _bpe_pre_name(spec: dict, folder: Path) -> str:
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    if len(steps) == 1 and steps[0].get("type") == "ByteLevel" and steps[0].get("use_regex", True) \
+            and not steps[0].get("add_prefix_space", False):
+        return "gpt-2"
+    splits = [s for s in steps if s.get("type") == "Split"]
+    if len(splits) == 1 and (name := _SPLIT_REGEX_PRE.get(splits[0].get("pattern", {}).get("Regex", ""))):
+        return name
+    raise ConvertError(f"{folder / 'tokenizer.json'}: unknown pre-tokenizer {json.dumps(pre)[:200]}; "
+                       f"supported: GPT-2 ByteLevel, {', '.join(sorted(set(_SPLIT_REGEX_PRE.values())))}")
+
+
+def _write_sentencepiece(w: gguf.GGUFWriter, folder: Path, vocab_size: int) -> None:
+    try:
+        from sentencepiece import SentencePieceProcessor
+        from sentencepiece import sentencepiece_model_pb2 as spm_pb2
+    except ImportError as exc:
+        raise ConvertError("a SentencePiece tokenizer.model needs `pip install sentencepiece protobuf`") from exc
+    path = folder / "tokenizer.model"
+    proto = spm_pb2.ModelProto()
+    try:
+        proto.ParseFromString(path.read_bytes())
+        sp = SentencePieceProcessor(model_file=str(path))
+    except Exception as exc:  # sentencepiece raises bare RuntimeError/DecodeError on bad files
+        raise ConvertError(f"{path} is not a readable SentencePiece model: {exc}") from exc
+    n = max(vocab_size, sp.vocab_size())
+    tokens = [f"[PAD{i}]".encode() for i in range(n)]
+    scores = [-1000.0] * n
+    toktypes = [TokenType.UNUSED] * n
+    for i in range(sp.vocab_size()):
+        tokens[i] = sp.id_to_piece(i).encode("utf-8")
+        scores[i] = sp.get_score(i)
+        toktypes[i] = (TokenType.UNKNOWN if sp.is_unknown(i) else TokenType.CONTROL if sp.is_control(i)
+                       else TokenType.UNUSED if sp.is_unused(i) else TokenType.BYTE if sp.is_byte(i)
+                       else TokenType.NORMAL)
+    added = folder / "added_tokens.json"
+    if added.is_file():
+        for piece, i in json.loads(added.read_text(encoding="utf-8")).items():
+            if i < n:
+                tokens[i], scores[i], toktypes[i] = piece.encode("utf-8"), -1000.0, TokenType.USER_DEFINED
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(toktypes)
+    w.add_add_space_prefix(proto.normalizer_spec.add_dummy_prefix)
+    gguf.SpecialVocab(folder, n_vocab=n).add_to_gguf(w, quiet=True)
