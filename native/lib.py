@@ -44,8 +44,62 @@ def ggml_base() -> ctypes.CDLL:
     return lib
 
 
+@functools.cache
+def ggml_cpu() -> ctypes.CDLL:
+    """libggml-cpu: the CPU backend (threads, SIMD kernels)."""
+    ggml_base()
+    lib = ctypes.CDLL(str(_find(_llama_cpp_lib_dir(), "ggml-cpu")), mode=ctypes.RTLD_GLOBAL)
+    c = ctypes
+    lib.ggml_backend_cpu_init.argtypes = []
+    lib.ggml_backend_cpu_init.restype = c.c_void_p
+    lib.ggml_backend_cpu_set_n_threads.argtypes = [c.c_void_p, c.c_int]
+    lib.ggml_backend_cpu_set_n_threads.restype = None
+    return lib
+
+
+class InitParams(ctypes.Structure):
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+
+def _fn(lib: ctypes.CDLL, name: str, restype, *argtypes) -> None:
+    f = getattr(lib, name)
+    f.restype = restype
+    f.argtypes = list(argtypes)
+
+
 def _declare_base(lib: ctypes.CDLL) -> None:
     c = ctypes
+    P, SZ, I64, INT, BOOL = c.c_void_p, c.c_size_t, c.c_int64, c.c_int, c.c_bool
+    # contexts, tensors, graphs (ggml.h)
+    _fn(lib, "ggml_init", P, InitParams)
+    _fn(lib, "ggml_free", None, P)
+    _fn(lib, "ggml_tensor_overhead", SZ)
+    _fn(lib, "ggml_graph_overhead_custom", SZ, SZ, BOOL)
+    _fn(lib, "ggml_new_tensor_1d", P, P, INT, I64)
+    _fn(lib, "ggml_new_tensor_2d", P, P, INT, I64, I64)
+    _fn(lib, "ggml_new_tensor_3d", P, P, INT, I64, I64, I64)
+    _fn(lib, "ggml_nbytes", SZ, P)
+    _fn(lib, "ggml_set_input", None, P)
+    _fn(lib, "ggml_set_output", None, P)
+    for op in ("ggml_mul_mat", "ggml_mul", "ggml_add", "ggml_swiglu_split", "ggml_geglu_split"):
+        _fn(lib, op, P, P, P, P)
+    for op in ("ggml_silu", "ggml_gelu", "ggml_cont"):
+        _fn(lib, op, P, P, P)
+    _fn(lib, "ggml_mul_mat_id", P, P, P, P, P)
+    _fn(lib, "ggml_new_graph_custom", P, P, SZ, BOOL)
+    _fn(lib, "ggml_build_forward_expand", None, P, P)
+    # backends and buffers (ggml-backend.h, ggml-alloc.h)
+    _fn(lib, "ggml_backend_cpu_buffer_from_ptr", P, P, SZ)
+    _fn(lib, "ggml_backend_cpu_buffer_type", P)
+    _fn(lib, "ggml_backend_buffer_free", None, P)
+    _fn(lib, "ggml_backend_tensor_alloc", INT, P, P, P)
+    _fn(lib, "ggml_backend_tensor_set", None, P, P, SZ, SZ)
+    _fn(lib, "ggml_backend_tensor_get", None, P, P, SZ, SZ)
+    _fn(lib, "ggml_backend_graph_compute", INT, P, P)
+    _fn(lib, "ggml_backend_free", None, P)
+    _fn(lib, "ggml_gallocr_new", P, P)
+    _fn(lib, "ggml_gallocr_free", None, P)
+    _fn(lib, "ggml_gallocr_alloc_graph", BOOL, P, P)
     lib.ggml_blck_size.argtypes = [c.c_int]
     lib.ggml_blck_size.restype = c.c_int64
     lib.ggml_type_size.argtypes = [c.c_int]

@@ -1,0 +1,102 @@
+"""llama.cpp arch `llama` with experts: Mixtral. Q/K rows were permuted by the converter, so
+RoPE here rotates interleaved pairs exactly as llama.cpp does."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from edgemoe.arch import register
+from edgemoe.expert_cache import ExpertCache
+from edgemoe.gguf_file import GGUFFile
+from edgemoe.layers import KVCache, QLinear, apply_rope, attention, rms_norm, rope_freqs, tensor_f32
+from edgemoe.moe import MoEBlock, RouterConfig
+from edgemoe.native.backend import CpuBackend
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    n_layers: int
+    hidden_size: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rope_dim: int
+    rope_base: float
+    eps: float
+    n_experts: int
+    top_k: int
+
+    @classmethod
+    def from_gguf(cls, m: GGUFFile) -> "ModelArgs":
+        n_heads = int(m.arch_field("attention.head_count"))
+        hidden = int(m.arch_field("embedding_length"))
+        head_dim = int(m.arch_field("attention.key_length", hidden // n_heads))
+        return cls(int(m.arch_field("block_count")), hidden, n_heads,
+                   int(m.arch_field("attention.head_count_kv", n_heads)), head_dim,
+                   int(m.arch_field("rope.dimension_count", head_dim)), float(m.arch_field("rope.freq_base", 10000.0)),
+                   float(m.arch_field("attention.layer_norm_rms_epsilon", 1e-5)),
+                   int(m.arch_field("expert_count", 0)), int(m.arch_field("expert_used_count", 0)))
+
+
+class Attention:
+    neox = False
+
+    def __init__(self, m: GGUFFile, layer: int, args: ModelArgs, backend: CpuBackend):
+        p = f"blk.{layer}."
+        self.q = QLinear(m, p + "attn_q.weight", backend, bias=p + "attn_q.bias")
+        self.k = QLinear(m, p + "attn_k.weight", backend, bias=p + "attn_k.bias")
+        self.v = QLinear(m, p + "attn_v.weight", backend, bias=p + "attn_v.bias")
+        self.o = QLinear(m, p + "attn_output.weight", backend)
+        self.layer, self.args = layer, args
+        self.freqs = rope_freqs(args.rope_dim, args.rope_base)
+
+    def __call__(self, x: torch.Tensor, kv: KVCache, start: int) -> torch.Tensor:
+        a = self.args
+        T = x.shape[0]
+        pos = torch.arange(start, start + T)
+        q = apply_rope(self.q(x).view(T, a.n_heads, a.head_dim), pos, self.freqs, self.neox)
+        k = apply_rope(self.k(x).view(T, a.n_kv_heads, a.head_dim), pos, self.freqs, self.neox)
+        v = self.v(x).view(T, a.n_kv_heads, a.head_dim)
+        keys, values = kv.append(self.layer, k, v, start)
+        return self.o(attention(q, keys, values, start, 1.0 / math.sqrt(a.head_dim)))
+
+
+@register("llama")
+class Model:
+    router_config = staticmethod(lambda args: RouterConfig(top_k=args.top_k, normalize=True))
+
+    def __init__(self, m: GGUFFile, backend: CpuBackend, cache: ExpertCache):
+        self.args = args = ModelArgs.from_gguf(m)
+        if not args.n_experts:
+            raise ValueError(f"{m.path} has no experts; edgemoe runs MoE models (use --backend llama for dense ones)")
+        self.embed = tensor_f32(m, "token_embd.weight")  # [V, D]; rows are gathered, not multiplied
+        out_name = "output.weight" if "output.weight" in m.tensors else "token_embd.weight"
+        self.output = QLinear(m, out_name, backend)
+        self.norm = tensor_f32(m, "output_norm.weight")
+        self.layers = []
+        for i in range(args.n_layers):
+            p = f"blk.{i}."
+            self.layers.append((tensor_f32(m, p + "attn_norm.weight"), Attention(m, i, args, backend),
+                                tensor_f32(m, p + "ffn_norm.weight"),
+                                MoEBlock(i, tensor_f32(m, p + "ffn_gate_inp.weight"), self.router_config(args),
+                                         cache, backend)))
+
+    def new_kv(self, n_ctx: int) -> KVCache:
+        a = self.args
+        return KVCache(a.n_layers, n_ctx, a.n_kv_heads, a.head_dim, a.head_dim)
+
+    @property
+    def moe_blocks(self) -> list[MoEBlock]:
+        return [layer[3] for layer in self.layers]
+
+    def forward(self, tokens: list[int], kv: KVCache, start: int, all_logits: bool = False) -> torch.Tensor:
+        """tokens at positions start.. -> logits [T, V] (or [1, V] for the last token)."""
+        x = self.embed[torch.tensor(tokens)]  # [T, D]
+        eps = self.args.eps
+        for attn_norm, attn, ffn_norm, moe in self.layers:
+            x = x + attn(rms_norm(x, attn_norm, eps), kv, start)
+            x = x + moe(rms_norm(x, ffn_norm, eps))
+        x = rms_norm(x if all_logits else x[-1:], self.norm, eps)
+        return self.output(x)

@@ -1,0 +1,113 @@
+"""The edgemoe engine: dense path in torch + ggml, experts from a byte-budgeted cache.
+
+`Engine.stream_generate` yields one `StepEvent` per token; the CLI, TUI and benchmarks all
+consume that stream and nothing else.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from edgemoe.arch import model_class
+from edgemoe.events import StepEvent
+from edgemoe.expert_cache import ExpertCache
+from edgemoe.expert_store import stock_experts
+from edgemoe.gguf_file import GGUFFile
+from edgemoe.llama_backend import _complete_utf8
+from edgemoe.memory import peak_rss_bytes
+from edgemoe.native.backend import CpuBackend
+from edgemoe.policies import Key, make_policy
+from edgemoe.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    budget_bytes: int | None = None  # None: room for every expert
+    policy: str = "lru"
+    prefetch: bool = False
+    n_threads: int | None = None
+    n_ctx: int = 512
+    seed: int = 0
+    future: tuple[Key, ...] | None = None  # demand accesses to come, for the belady policy
+
+
+class Engine:
+    def __init__(self, path: str | Path, config: EngineConfig = EngineConfig()):
+        self.path, self.config = Path(path), config
+        self.file = GGUFFile(self.path)
+        cls = model_class(self.file.arch)
+        self.backend = CpuBackend(config.n_threads)
+        self.specs = stock_experts(self.file)
+        n_layers = int(self.file.arch_field("block_count"))
+        budget = config.budget_bytes if config.budget_bytes is not None else sum(s.alloc_bytes for s in self.specs.values())
+        policy = make_policy(config.policy, list(config.future) if config.future else None, config.seed)
+        self.cache = ExpertCache(self.path, self.specs, budget, policy, n_layers)
+        self.model = cls(self.file, self.backend, self.cache)
+        self.tokenizer = Tokenizer(self.path)
+        self.prefetcher = None
+        if config.prefetch:
+            from edgemoe.prefetch import Prefetcher
+            self.prefetcher = Prefetcher(self.model, self.cache)
+
+    @property
+    def expert_bytes_total(self) -> int:
+        return sum(s.alloc_bytes for s in self.specs.values())
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        """Logits for every position of `tokens`, from a fresh KV cache: [T, V]."""
+        kv = self.model.new_kv(max(len(tokens), 1))
+        with torch.no_grad():
+            return self.model.forward(tokens, kv, 0, all_logits=True).numpy()
+
+    def stream_generate(self, prompt: str | list[int], max_tokens: int = 64, temperature: float = 0.0,
+                        top_p: float = 1.0, stop_at_eos: bool = True) -> Iterator[StepEvent]:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        kv = self.model.new_kv(self.config.n_ctx)
+        rng = torch.Generator().manual_seed(self.config.seed)
+        start = time.perf_counter()
+        pending, history = b"", list(ids)
+        with torch.no_grad():
+            logits = self.model.forward(ids, kv, 0)[-1]
+            yield self._event(-1, None, "", start, 0)
+            pos = len(ids)
+            for i in range(max_tokens):
+                token = sample(logits, temperature, top_p, rng)
+                if stop_at_eos and token == self.tokenizer.eos:
+                    break
+                pending += self.tokenizer.decode_bytes([token], prev=history)
+                history.append(token)
+                text, pending = _complete_utf8(pending)
+                last = i == max_tokens - 1
+                if not last:
+                    logits = self.model.forward([token], kv, pos)[-1]
+                    pos += 1
+                yield self._event(i, token, text, start, i + 1)
+
+    def _event(self, index: int, token: int | None, text: str, start: float, n_done: int) -> StepEvent:
+        elapsed = time.perf_counter() - start
+        routing = tuple(tuple(b.last_ids[-1].tolist()) if b.last_ids is not None else () for b in self.model.moe_blocks)
+        return StepEvent(index, token, text, elapsed, n_done / elapsed if elapsed > 0 and n_done else 0.0,
+                         self.cache.step_stats(), peak_rss_bytes(), routing)
+
+    def close(self) -> None:
+        if self.prefetcher:
+            self.prefetcher.close()
+        self.cache.close()
+        self.backend.close()
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, rng: torch.Generator) -> int:
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        probs /= probs.sum()
+    return int(torch.multinomial(probs, 1, generator=rng))

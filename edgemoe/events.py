@@ -1,0 +1,43 @@
+"""The one event stream that the CLI, the TUI and the benchmarks all consume."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """Expert-cache counters for one step (a prefill or one decoded token)."""
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    prefetch_issued: int = 0
+    prefetch_hits: int = 0      # demand accesses served by an expert a prefetch brought in
+    prefetch_wasted: int = 0    # prefetched experts evicted before any use
+    bytes_read: int = 0
+    stall_s: float = 0.0        # time the compute path waited on expert loads
+    resident_bytes: int = 0
+    budget_bytes: int = 0
+    resident_bytes_per_layer: tuple[int, ...] = ()
+    resident_experts: tuple[tuple[int, int], ...] = ()  # (layer, expert) pairs resident after the step
+
+    @property
+    def accesses(self) -> int:
+        return self.hits + self.misses
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.accesses if self.accesses else 0.0
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """One generated token (or the prompt's prefill when `token` is None)."""
+    index: int
+    token: int | None
+    text: str
+    elapsed_s: float
+    tokens_per_s: float
+    cache: CacheStats = field(default_factory=CacheStats)
+    peak_rss_bytes: int = 0
+    routing: tuple[tuple[int, ...], ...] = ()  # per layer: experts chosen for this step's last token
+    finished: bool = False

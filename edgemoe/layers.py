@@ -1,0 +1,102 @@
+"""Dense building blocks shared by the architecture modules.
+
+Large matmuls run through ggml on the file's own quantized bytes (`QLinear`); torch does the
+small per-token math (norms, RoPE, attention over the KV cache, routing).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from edgemoe.gguf_file import GGUFFile
+from edgemoe.native.backend import CpuBackend
+from edgemoe.native.tensors import Graph, Weight
+
+
+class QLinear:
+    """y = x @ W.T for a GGUF weight [out, in] in any ggml type, computed by ggml in place."""
+
+    def __init__(self, model: GGUFFile, name: str, backend: CpuBackend, bias: str | None = None):
+        info = model.tensors[name]
+        if len(info.shape) != 2:
+            raise ValueError(f"{name} has shape {info.shape}; QLinear needs a 2-D weight")
+        self.out_features, self.in_features = info.shape
+        self.weight = Weight(model.data(name), info.qtype, self.out_features, self.in_features, name=name)
+        self.backend = backend
+        self.bias = tensor_f32(model, bias) if bias and bias in model.tensors else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, in] -> [T, out]
+        with Graph(self.backend) as g:
+            (y,) = g.compute([(g.matmul(self.weight, g.input(x.numpy())), (x.shape[0], self.out_features))])
+        out = torch.from_numpy(y)
+        return out + self.bias if self.bias is not None else out
+
+
+def tensor_f32(model: GGUFFile, name: str) -> torch.Tensor:
+    """A small tensor (norm weight, bias, router) dequantized to float32 torch."""
+    import gguf.quants
+
+    info = model.tensors[name]
+    raw = np.asarray(model.data(name))
+    arr = gguf.quants.dequantize(raw, info.qtype) if info.qtype.name not in ("F32",) else raw.view(np.float32)
+    return torch.from_numpy(np.array(arr, dtype=np.float32).reshape(info.shape))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def rope_freqs(dim: int, base: float) -> torch.Tensor:
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+
+
+def apply_rope(x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor, neox: bool) -> torch.Tensor:
+    """x: [T, H, d] rotated on its first 2*len(freqs) dims. neox: pairs (i, i+d/2) as HF's
+    rotate_half; otherwise interleaved pairs (2i, 2i+1) as llama.cpp's `llama` arch."""
+    n_rot = 2 * freqs.shape[0]
+    angles = pos.to(torch.float64)[:, None] * freqs[None, :]  # [T, n_rot/2]
+    cos, sin = angles.cos().float()[:, None, :], angles.sin().float()[:, None, :]
+    xr, rest = x[..., :n_rot], x[..., n_rot:]
+    if neox:
+        a, b = xr[..., : n_rot // 2], xr[..., n_rot // 2:]
+        out = torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+    else:
+        a, b = xr[..., 0::2], xr[..., 1::2]
+        out = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+    return torch.cat([out, rest], dim=-1)
+
+
+class KVCache:
+    """Per-layer keys/values: [n_ctx, n_kv_heads, head_dim] float32, filled up to `length`."""
+
+    def __init__(self, n_layers: int, n_ctx: int, n_kv_heads: int, k_dim: int, v_dim: int):
+        self.k = [torch.zeros(n_ctx, n_kv_heads, k_dim) for _ in range(n_layers)]
+        self.v = [torch.zeros(n_ctx, n_kv_heads, v_dim) for _ in range(n_layers)]
+        self.n_ctx, self.length = n_ctx, 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * 4 for t in self.k + self.v)
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[0]
+        if end > self.n_ctx:
+            raise ValueError(f"context full: {end} tokens > n_ctx {self.n_ctx}; start a new chat or raise --ctx")
+        self.k[layer][start:end] = k
+        self.v[layer][start:end] = v
+        return self.k[layer][:end], self.v[layer][:end]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float) -> torch.Tensor:
+    """q: [T, H, dk], k: [S, Hkv, dk], v: [S, Hkv, dv] with S = start + T (causal) -> [T, H*dv]."""
+    T, H, _ = q.shape
+    S, Hkv, dv = v.shape
+    group = H // Hkv
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("thd,shd->hts", q, k) * scale  # [H, T, S]
+    mask = torch.arange(S)[None, :] > (start + torch.arange(T))[:, None]
+    scores = scores.masked_fill(mask[None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("hts,shd->thd", probs, v).reshape(T, H * dv)

@@ -1,0 +1,63 @@
+"""The MoE block, once for all architectures: route, then run each chosen expert through ggml
+on its cached quantized bytes and sum the weighted outputs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from edgemoe.expert_cache import ExpertCache
+from edgemoe.expert_store import ResidentExpert
+from edgemoe.native.backend import CpuBackend
+from edgemoe.native.tensors import Graph
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    top_k: int
+    gating: str = "softmax"   # softmax | sigmoid
+    normalize: bool = True    # renormalise the top-k weights to sum to 1
+    scale: float = 1.0        # DeepSeek's routed_scaling_factor
+
+
+def route(logits: torch.Tensor, cfg: RouterConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits: [T, E] -> weights [T, k], expert ids [T, k] (llama.cpp's build_moe_ffn order)."""
+    probs = torch.softmax(logits, dim=-1) if cfg.gating == "softmax" else torch.sigmoid(logits)
+    weights, ids = torch.topk(probs, cfg.top_k, dim=-1)
+    if cfg.normalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights * cfg.scale, ids
+
+
+def expert_ffn(backend: CpuBackend, expert: ResidentExpert, x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU FFN of one expert. x: [n, D] -> [n, D]."""
+    w = expert.weights
+    with Graph(backend) as g:
+        xin = g.input(x.numpy())
+        h = g.swiglu(g.matmul(w["gate"], xin), g.matmul(w["up"], xin))   # [n, F]
+        (y,) = g.compute([(g.matmul(w["down"], h), (x.shape[0], w["down"].rows))])
+    return torch.from_numpy(y)
+
+
+class MoEBlock:
+    def __init__(self, layer: int, router: torch.Tensor, cfg: RouterConfig, cache: ExpertCache, backend: CpuBackend):
+        self.layer, self.router, self.cfg, self.cache, self.backend = layer, router, cfg, cache, backend
+        self.last_ids: torch.Tensor | None = None  # [T, k] of the latest call, for traces
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, D]  router: [E, D]
+        weights, ids = route(x @ self.router.T, self.cfg)
+        self.last_ids = ids
+        out = torch.zeros_like(x)
+        chosen = ids.unique().tolist()
+        resident = set(self.cache.resident)
+        # resident experts first: gives in-flight prefetches time to land before they are needed
+        for e in sorted(chosen, key=lambda e: (self.layer, e) not in resident):
+            tok, slot = torch.nonzero(ids == e, as_tuple=True)
+            expert = self.cache.acquire((self.layer, e))
+            try:
+                y = expert_ffn(self.backend, expert, x[tok])
+            finally:
+                self.cache.release((self.layer, e))
+            out.index_add_(0, tok, y * weights[tok, slot, None])
+        return out
