@@ -40,10 +40,44 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-n", "--max-tokens", type=int, default=64, help="tokens to generate (default 64)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--backend", choices=["llama"], default="llama",
-                   help="llama: stock llama.cpp through llama-cpp-python")
+    g.add_argument("--backend", choices=["edgemoe", "llama"], default="edgemoe",
+                   help="edgemoe: our engine with the budgeted expert cache (default); "
+                        "llama: stock llama.cpp through llama-cpp-python")
+    _engine_options(g)
+    g.add_argument("--stats", action="store_true", help="print cache statistics per token to stderr")
     g.set_defaults(func=commands.generate_cmd)
+
+    t = sub.add_parser("trace", help="record a routing trace (experts chosen per token and layer)",
+                       description="Generate from each prompt with the edgemoe engine and record which experts "
+                                   "every token chose in every MoE layer, for `edgemoe simulate`.")
+    t.add_argument("model", type=Path, nargs="?", default=None, help=".gguf file (default: the demo model)")
+    t.add_argument("-p", "--prompt", action="append", help="prompt (repeatable)")
+    t.add_argument("--prompts", type=Path, help="text file, one prompt per line")
+    t.add_argument("-n", "--max-tokens", type=int, default=64, help="tokens generated per prompt (default 64)")
+    t.add_argument("-o", "--output", type=Path, required=True, help="trace file to write (JSON)")
+    t.set_defaults(func=commands.trace_cmd)
+
+    s = sub.add_parser("simulate", help="replay a routing trace through every cache policy and budget",
+                       description="Hit rates and bytes read per token of each policy (lru, lfu, hybrid, random) "
+                                   "next to Belady's offline optimum, without running the model.")
+    s.add_argument("trace", type=Path, help="trace file from `edgemoe trace`")
+    s.add_argument("--budget", action="append",
+                   help="expert budget: bytes (2GB, 512MiB) or a share of all experts (50%%); repeatable "
+                        "(default: 25%%, 50%%, 75%%)")
+    s.add_argument("--policy", action="append", help="policy to replay (repeatable; default: all)")
+    s.set_defaults(func=commands.simulate_cmd)
     return p
+
+
+def _engine_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--budget", default=None,
+                   help="expert cache budget: bytes (2GB, 512MiB) or a share of all experts (50%%); "
+                        "default: all experts fit")
+    p.add_argument("--policy", default="lru", help="eviction policy: lru, lfu, hybrid, random, belady (default lru)")
+    p.add_argument("--trace", type=Path, default=None, help="routing trace giving Belady's future accesses")
+    p.add_argument("--prefetch", action="store_true", help="prefetch the next layer's predicted experts")
+    p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
+    p.add_argument("--ctx", type=int, default=512, help="context length in tokens (default 512)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; no partial output was kept", file=sys.stderr)
         return 130
-    except commands.USER_ERRORS as exc:
+    except commands.user_errors() as exc:
         print(f"edgemoe {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -11,7 +11,14 @@ from rich.table import Table
 from edgemoe.converters.errors import ConvertError
 from edgemoe.gguf_file import GGUFFile, ModelFileError
 
-USER_ERRORS = (ConvertError, ModelFileError, FileNotFoundError, PermissionError)
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Exceptions shown as a one-line error (no traceback): bad input the user can fix."""
+    from edgemoe.residency import BudgetError
+    from edgemoe.trace import TraceError
+
+    return (ConvertError, ModelFileError, BudgetError, TraceError, FileNotFoundError, PermissionError, ValueError)
 
 
 def convert_cmd(args: argparse.Namespace) -> int:
@@ -53,13 +60,67 @@ def inspect_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_path(path):
+    if path is not None:
+        return path
+    from edgemoe.demo import demo_gguf
+    return demo_gguf()
+
+
+def engine_config(args: argparse.Namespace, model_path) -> "EngineConfig":
+    """--budget/--policy/--trace/--prefetch/--threads/--ctx -> EngineConfig."""
+    from edgemoe.engine import EngineConfig
+    from edgemoe.expert_store import stock_experts
+    from edgemoe.memory import parse_bytes
+
+    budget = None
+    if args.budget:
+        if args.budget.strip().endswith("%"):
+            total = sum(s.alloc_bytes for s in stock_experts(GGUFFile(model_path)).values())
+            budget = int(total * float(args.budget.strip()[:-1]) / 100)
+        else:
+            budget = parse_bytes(args.budget)
+    future = None
+    if args.policy == "belady":
+        if args.trace is None:
+            raise ValueError("--policy belady needs --trace TRACE (the future accesses); record one with `edgemoe trace`")
+        from edgemoe.trace import Trace
+        future = tuple(Trace.load(args.trace).demand_sequence())
+    return EngineConfig(budget_bytes=budget, policy=args.policy, prefetch=args.prefetch, n_threads=args.threads,
+                        n_ctx=args.ctx, seed=getattr(args, "seed", 0), future=future)
+
+
 def generate_cmd(args: argparse.Namespace) -> int:
+    path = _model_path(args.model)
+    if args.backend == "llama":
+        return _generate_llama(args, path)
+    from edgemoe.engine import Engine
+
+    engine = Engine(path, engine_config(args, path))
+    try:
+        sys.stdout.write(args.prompt)
+        last = None
+        for event in engine.stream_generate(args.prompt, args.max_tokens, args.temperature):
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+            if args.stats:
+                c = event.cache
+                print(f"\n[token {event.index}: hits {c.hits} misses {c.misses} read {c.bytes_read / 2**20:.2f} MiB "
+                      f"stall {c.stall_s * 1e3:.1f} ms resident {c.resident_bytes / 2**20:.1f}/"
+                      f"{c.budget_bytes / 2**20:.1f} MiB]", file=sys.stderr)
+            last = event
+        sys.stdout.write("\n")
+        if last:
+            print(f"[{last.index + 1} tokens, {last.tokens_per_s:.1f} tokens/s, backend edgemoe, "
+                  f"peak RSS {last.peak_rss_bytes / 2**20:.0f} MiB]", file=sys.stderr)
+    finally:
+        engine.close()
+    return 0
+
+
+def _generate_llama(args: argparse.Namespace, path) -> int:
     from edgemoe.llama_backend import open_llama, stream_generate
 
-    path = args.model
-    if path is None:
-        from edgemoe.demo import demo_gguf
-        path = demo_gguf()
     llm = open_llama(path, seed=args.seed)
     sys.stdout.write(args.prompt)
     last = None
@@ -69,5 +130,58 @@ def generate_cmd(args: argparse.Namespace) -> int:
         last = event
     sys.stdout.write("\n")
     if last:
-        print(f"[{last.index + 1} tokens, {last.tokens_per_s:.1f} tokens/s, backend {args.backend}]", file=sys.stderr)
+        print(f"[{last.index + 1} tokens, {last.tokens_per_s:.1f} tokens/s, backend llama]", file=sys.stderr)
+    return 0
+
+
+def trace_cmd(args: argparse.Namespace) -> int:
+    from edgemoe.engine import Engine
+    from edgemoe.trace import TraceRecorder
+
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        prompts += [line for line in args.prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("give at least one prompt with -p or --prompts FILE")
+    path = _model_path(args.model)
+    engine = Engine(path)
+    try:
+        recorder = TraceRecorder(engine)
+        for prompt in prompts:
+            for _ in engine.stream_generate(prompt, args.max_tokens, stop_at_eos=False):
+                pass
+        trace = recorder.detach()
+    finally:
+        engine.close()
+    trace.save(args.output)
+    print(f"wrote {args.output}: {len(trace.steps)} steps, {sum(trace.tokens_per_step())} tokens, "
+          f"{len(trace.moe_layers)} MoE layers x {trace.n_experts} experts")
+    return 0
+
+
+def simulate_cmd(args: argparse.Namespace) -> int:
+    from edgemoe.memory import parse_bytes
+    from edgemoe.policies import POLICIES
+    from edgemoe.simulate import simulate
+    from edgemoe.trace import Trace
+
+    trace = Trace.load(args.trace)
+    total = sum(trace.expert_bytes.values())
+    budgets = []
+    for b in args.budget or ["25%", "50%", "75%"]:
+        budgets.append(int(total * float(b[:-1]) / 100) if b.endswith("%") else parse_bytes(b))
+    policies = args.policy or list(POLICIES)
+    table = Table("budget", "share", "policy", "hit %", "MiB read/token", "misses vs belady")
+    for budget in budgets:
+        results = {p: simulate(trace, budget, p) for p in policies}
+        best = simulate(trace, budget, "belady")
+        for p, r in results.items():
+            table.add_row(f"{budget / 2**20:.1f} MiB", f"{100 * budget / total:.0f}%", p, f"{100 * r.hit_rate:.1f}",
+                          f"{r.bytes_per_token / 2**20:.3f}", f"{r.misses / max(best.misses, 1):.2f}x")
+        table.add_section()
+    console = Console()
+    decoded = sum(1 for n in trace.tokens_per_step() if n == 1)
+    console.print(f"{args.trace}: {len(trace.steps)} steps, {decoded} decode steps counted (prompt prefills "
+                  f"replayed, not counted); all experts = {total / 2**20:.1f} MiB")
+    console.print(table)
     return 0

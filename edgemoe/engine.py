@@ -66,33 +66,41 @@ class Engine:
 
     def stream_generate(self, prompt: str | list[int], max_tokens: int = 64, temperature: float = 0.0,
                         top_p: float = 1.0, stop_at_eos: bool = True) -> Iterator[StepEvent]:
+        """One event per generated token. Event i carries the cache statistics of the forward
+        pass whose logits chose token i (event 0: the prompt's prefill)."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if len(ids) + max_tokens > self.config.n_ctx:
+            raise ValueError(f"prompt ({len(ids)} tokens) + {max_tokens} new tokens exceed the context "
+                             f"of {self.config.n_ctx}; raise --ctx or shorten the prompt")
         kv = self.model.new_kv(self.config.n_ctx)
         rng = torch.Generator().manual_seed(self.config.seed)
         start = time.perf_counter()
         pending, history = b"", list(ids)
+        first_token_s = None
         with torch.no_grad():
             logits = self.model.forward(ids, kv, 0)[-1]
-            yield self._event(-1, None, "", start, 0)
-            pos = len(ids)
             for i in range(max_tokens):
+                if i > 0:
+                    logits = self.model.forward([history[-1]], kv, len(history) - 1)[-1]
                 token = sample(logits, temperature, top_p, rng)
-                if stop_at_eos and token == self.tokenizer.eos:
-                    break
-                pending += self.tokenizer.decode_bytes([token], prev=history)
+                now = time.perf_counter()
+                first_token_s = first_token_s if first_token_s is not None else now
+                finished = (stop_at_eos and token == self.tokenizer.eos) or i == max_tokens - 1
+                text = ""
+                if not (stop_at_eos and token == self.tokenizer.eos):
+                    pending += self.tokenizer.decode_bytes([token], prev=history)
+                    text, pending = _complete_utf8(pending)
                 history.append(token)
-                text, pending = _complete_utf8(pending)
-                last = i == max_tokens - 1
-                if not last:
-                    logits = self.model.forward([token], kv, pos)[-1]
-                    pos += 1
-                yield self._event(i, token, text, start, i + 1)
+                # decode speed excludes the prefill: tokens after the first over the time since it
+                tps = i / (now - first_token_s) if i > 0 and now > first_token_s else 0.0
+                yield self._event(i, token, text, now - start, tps, finished)
+                if finished:
+                    return
 
-    def _event(self, index: int, token: int | None, text: str, start: float, n_done: int) -> StepEvent:
-        elapsed = time.perf_counter() - start
+    def _event(self, index: int, token: int, text: str, elapsed_s: float, tps: float, finished: bool) -> StepEvent:
         routing = tuple(tuple(b.last_ids[-1].tolist()) if b.last_ids is not None else () for b in self.model.moe_blocks)
-        return StepEvent(index, token, text, elapsed, n_done / elapsed if elapsed > 0 and n_done else 0.0,
-                         self.cache.step_stats(), peak_rss_bytes(), routing)
+        return StepEvent(index, token, text, elapsed_s, tps, self.cache.step_stats(), peak_rss_bytes(), routing,
+                         finished)
 
     def close(self) -> None:
         if self.prefetcher:

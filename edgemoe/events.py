@@ -31,9 +31,9 @@ class CacheStats:
 
 @dataclass(frozen=True)
 class StepEvent:
-    """One generated token (or the prompt's prefill when `token` is None)."""
+    """One generated token; `tokens_per_s` is the decode rate so far (prefill excluded)."""
     index: int
-    token: int | None
+    token: int
     text: str
     elapsed_s: float
     tokens_per_s: float

@@ -3,202 +3,160 @@
 Invariant (asserted by tests on every step): resident bytes + bytes of loads in flight never
 exceed `budget_bytes`. A demand miss evicts by policy until the expert fits; a prefetch only
 uses room it can make without touching pinned experts or other unused prefetches, and gives
-up otherwise.
+up otherwise. The bookkeeping is `Residency` (shared with the trace simulator); this class adds
+the locking and the reads.
 """
 from __future__ import annotations
 
 import os
 import threading
 import time
-from collections import Counter
-from dataclasses import dataclass
 
 from edgemoe.events import CacheStats
 from edgemoe.expert_store import ExpertSpec, ResidentExpert, read_expert
 from edgemoe.gguf_file import ModelFileError
 from edgemoe.policies import Key, Policy
-
-
-class BudgetError(ValueError):
-    """A budget that cannot hold even one expert."""
-
-
-@dataclass
-class _Counters:
-    hits: int = 0
-    misses: int = 0
-    evictions: int = 0
-    prefetch_issued: int = 0
-    prefetch_hits: int = 0
-    prefetch_wasted: int = 0
-    bytes_read: int = 0
-    stall_s: float = 0.0
+from edgemoe.residency import BudgetError, Residency  # noqa: F401  (BudgetError re-exported)
 
 
 class ExpertCache:
     def __init__(self, path: str | os.PathLike, specs: dict[Key, ExpertSpec], budget_bytes: int, policy: Policy,
                  n_layers: int):
-        self.specs, self.policy, self.n_layers = specs, policy, n_layers
-        self.largest_bytes = max((s.alloc_bytes for s in specs.values()), default=0)
-        self.total_bytes = sum(s.alloc_bytes for s in specs.values())
-        self._check_budget(budget_bytes)
-        self.budget_bytes = budget_bytes
+        self.specs, self.n_layers = specs, n_layers
+        self.state = Residency({k: s.alloc_bytes for k, s in specs.items()}, budget_bytes, policy)
         self.path = os.fspath(path)
         self.fd = os.open(self.path, os.O_RDONLY)
         self.file_size = os.fstat(self.fd).st_size
         self.cond = threading.Condition()
-        self.resident: dict[Key, ResidentExpert] = {}
+        self.experts: dict[Key, ResidentExpert] = {}
         self.loading: set[Key] = set()
-        self.in_flight_bytes = 0
-        self.pins: Counter[Key] = Counter()
-        self.unused_prefetch: set[Key] = set()
-        self.clock = 0
-        self.c = _Counters()
-        self.peak_bytes = 0
 
-    def _check_budget(self, budget_bytes: int) -> None:
-        if budget_bytes < self.largest_bytes:
-            raise BudgetError(f"expert budget {budget_bytes / 2**20:.2f} MiB is below the largest expert "
-                              f"({self.largest_bytes / 2**20:.2f} MiB); raise --budget to at least that")
+    @property
+    def budget_bytes(self) -> int:
+        return self.state.budget_bytes
 
-    # ---- accounting ---------------------------------------------------------------------
     @property
     def resident_bytes(self) -> int:
-        return sum(r.spec.alloc_bytes for r in self.resident.values())
+        return self.state.resident_bytes
 
-    def _used(self) -> int:
-        return self.resident_bytes + self.in_flight_bytes
+    @property
+    def in_flight_bytes(self) -> int:
+        return self.state.in_flight_bytes
 
-    def _evict_one(self, exclude: set[Key]) -> bool:
-        candidates = [k for k in self.resident if self.pins[k] == 0 and k not in exclude]
-        if not candidates:
-            return False
-        victim = self.policy.victim(candidates, self.clock)
-        expert = self.resident.pop(victim)
-        expert.close()
-        self.policy.forget(victim)
-        self.c.evictions += 1
-        if victim in self.unused_prefetch:
-            self.unused_prefetch.discard(victim)
-            self.c.prefetch_wasted += 1
-        return True
+    @property
+    def resident(self) -> set[Key]:
+        return set(self.state.resident)
 
-    def _make_room(self, nbytes: int, exclude: set[Key]) -> bool:
-        while self._used() + nbytes > self.budget_bytes:
-            if not self._evict_one(exclude):
-                return False
-        return True
+    def _drop_evicted(self) -> None:
+        for key in self.state.evicted:
+            self.experts.pop(key).close()
+        self.state.evicted.clear()
 
     # ---- demand path --------------------------------------------------------------------
     def acquire(self, key: Key) -> ResidentExpert:
         """The resident expert for `key`, loading it on a miss; pinned until `release`."""
-        spec = self.specs[key]
+        s = self.state
         with self.cond:
-            self.clock += 1
-            self.policy.touch(key, self.clock)
+            s.touch(key)
             if key in self.loading:  # a prefetch is bringing it in: wait for it
                 t0 = time.perf_counter()
                 while key in self.loading:
                     self.cond.wait()
-                self.c.stall_s += time.perf_counter() - t0
-            if key in self.resident:
-                self.c.hits += 1
-                if key in self.unused_prefetch:
-                    self.unused_prefetch.discard(key)
-                    self.c.prefetch_hits += 1
-                self.pins[key] += 1
-                return self.resident[key]
-            self.c.misses += 1
+                s.c.stall_s += time.perf_counter() - t0
+            if key in s.resident:
+                s.hit(key)
+                s.pins[key] += 1
+                return self.experts[key]
+            s.c.misses += 1
             t0 = time.perf_counter()
-            while not self._make_room(spec.alloc_bytes, exclude=set()):
-                self.cond.wait()  # everything evictable is pinned or loading: wait for a release
+            while not s.make_room(s.sizes[key]):
+                self._drop_evicted()
+                self.cond.wait()  # all else pinned or loading: wait for a release
+            self._drop_evicted()
+            s.begin_load(key)
             self.loading.add(key)
-            self.in_flight_bytes += spec.alloc_bytes
+        expert = self._read(key)
+        with self.cond:
+            self._insert(key, expert, prefetched=False)
+            s.c.stall_s += time.perf_counter() - t0
+            s.pins[key] += 1
+            return expert
+
+    def _read(self, key: Key) -> ResidentExpert:
         try:
-            expert = read_expert(self.fd, spec, self.file_size)
+            return read_expert(self.fd, self.specs[key], self.file_size)
         except BaseException:
             with self.cond:
                 self.loading.discard(key)
-                self.in_flight_bytes -= spec.alloc_bytes
+                self.state.abort_load(key)
                 self.cond.notify_all()
             raise
-        with self.cond:
-            self._insert(key, expert, spec)
-            self.c.stall_s += time.perf_counter() - t0
-            self.pins[key] += 1
-            return expert
 
     def release(self, key: Key) -> None:
         with self.cond:
-            self.pins[key] -= 1
-            if self.pins[key] <= 0:
-                del self.pins[key]
+            pins = self.state.pins
+            pins[key] -= 1
+            if pins[key] <= 0:
+                del pins[key]
             self.cond.notify_all()
 
-    def _insert(self, key: Key, expert: ResidentExpert, spec: ExpertSpec) -> None:
+    def _insert(self, key: Key, expert: ResidentExpert, prefetched: bool) -> None:
         self.loading.discard(key)
-        self.in_flight_bytes -= spec.alloc_bytes
-        self.resident[key] = expert
-        self.c.bytes_read += sum(p.nbytes for p in spec.parts)
-        self.peak_bytes = max(self.peak_bytes, self._used())
+        self.experts[key] = expert
+        self.state.finish_load(key, sum(p.nbytes for p in self.specs[key].parts), prefetched)
         self.cond.notify_all()
 
     # ---- prefetch path ------------------------------------------------------------------
     def prefetch(self, key: Key) -> bool:
         """Load `key` if it fits without evicting pinned or still-unused prefetched experts."""
-        spec = self.specs[key]
+        s = self.state
         with self.cond:
-            if key in self.resident or key in self.loading:
+            if key in s.resident or key in self.loading:
                 return False
-            if not self._make_room(spec.alloc_bytes, exclude=set(self.unused_prefetch)):
+            room = s.make_room(s.sizes[key], exclude=set(s.unused_prefetch))
+            self._drop_evicted()
+            if not room:
                 return False
+            s.begin_load(key)
             self.loading.add(key)
-            self.in_flight_bytes += spec.alloc_bytes
-            self.c.prefetch_issued += 1
+            s.c.prefetch_issued += 1
         try:
-            expert = read_expert(self.fd, spec, self.file_size)
+            expert = self._read(key)
         except (OSError, ModelFileError):
-            with self.cond:
-                self.loading.discard(key)
-                self.in_flight_bytes -= spec.alloc_bytes
-                self.cond.notify_all()
-            return False  # the demand path will hit the same error and report it
+            return False  # the demand path will meet the same error and report it
         with self.cond:
-            self._insert(key, expert, spec)
-            self.unused_prefetch.add(key)
+            self._insert(key, expert, prefetched=True)
         return True
 
     # ---- control ------------------------------------------------------------------------
     def set_budget(self, budget_bytes: int) -> None:
         """Resize now: evicts unpinned experts until the new budget holds."""
-        self._check_budget(budget_bytes)
         with self.cond:
-            self.budget_bytes = budget_bytes
-            while self._used() > budget_bytes and self._evict_one(exclude=set()):
-                pass
+            self.state.set_budget(budget_bytes)
+            self._drop_evicted()
 
     def set_policy(self, policy: Policy) -> None:
         with self.cond:
-            self.policy = policy
-            for key in self.resident:
-                policy.touch(key, self.clock)
+            self.state.policy = policy
+            for key in self.state.resident:
+                policy.touch(key, self.state.clock)
 
     def step_stats(self) -> CacheStats:
         """Counters since the previous call, plus the current residency."""
         with self.cond:
             per_layer = [0] * self.n_layers
-            for (layer, _), r in self.resident.items():
-                per_layer[layer] += r.spec.alloc_bytes
-            c, self.c = self.c, _Counters()
+            for layer, e in self.state.resident:
+                per_layer[layer] += self.state.sizes[(layer, e)]
+            c = self.state.take_counters()
             return CacheStats(c.hits, c.misses, c.evictions, c.prefetch_issued, c.prefetch_hits, c.prefetch_wasted,
-                              c.bytes_read, c.stall_s, self.resident_bytes, self.budget_bytes, tuple(per_layer),
-                              tuple(sorted(self.resident)))
+                              c.bytes_read, c.stall_s, self.state.resident_bytes, self.state.budget_bytes,
+                              tuple(per_layer), tuple(sorted(self.state.resident)))
 
     def close(self) -> None:
         with self.cond:
-            for expert in self.resident.values():
+            for expert in self.experts.values():
                 expert.close()
-            self.resident.clear()
+            self.experts.clear()
             if self.fd >= 0:
                 os.close(self.fd)
                 self.fd = -1

@@ -43,16 +43,21 @@ class MoEBlock:
     def __init__(self, layer: int, router: torch.Tensor, cfg: RouterConfig, cache: ExpertCache, backend: CpuBackend):
         self.layer, self.router, self.cfg, self.cache, self.backend = layer, router, cfg, cache, backend
         self.last_ids: torch.Tensor | None = None  # [T, k] of the latest call, for traces
+        self.observers: list = []  # called as f(layer, x) before experts run (the prefetcher)
+        self.recorders: list = []  # called as f(layer, ids [T, k]) after routing (traces)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, D]  router: [E, D]
+        for observe in self.observers:
+            observe(self.layer, x)
         weights, ids = route(x @ self.router.T, self.cfg)
         self.last_ids = ids
+        for record in self.recorders:
+            record(self.layer, ids)
         out = torch.zeros_like(x)
-        chosen = ids.unique().tolist()
-        resident = set(self.cache.resident)
-        # resident experts first: gives in-flight prefetches time to land before they are needed
-        for e in sorted(chosen, key=lambda e: (self.layer, e) not in resident):
+        # ascending id order: the demand sequence then depends on routing only, never on cache
+        # state, so a recorded trace replays exactly (and Belady's future is well defined)
+        for e in ids.unique().tolist():
             tok, slot = torch.nonzero(ids == e, as_tuple=True)
             expert = self.cache.acquire((self.layer, e))
             try:

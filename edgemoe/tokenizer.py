@@ -8,8 +8,10 @@ from pathlib import Path
 class Tokenizer:
     def __init__(self, path: Path):
         from llama_cpp import Llama
+        from llama_cpp._utils import suppress_stdout_stderr
 
-        self.llm = Llama(str(path), vocab_only=True, verbose=False)
+        with suppress_stdout_stderr(disable=False):  # llama.cpp logs context warnings to stderr
+            self.llm = Llama(str(path), vocab_only=True, verbose=False)
         self.eos = self.llm.token_eos()
         self.bos = self.llm.token_bos()
 

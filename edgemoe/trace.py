@@ -1,0 +1,105 @@
+"""Routing traces: which experts every token chose in every MoE layer, step by step.
+
+A step is one forward pass (the prompt's prefill, then one per generated token). Traces feed
+`edgemoe simulate` (policy/budget replay), Belady's policy, `edgemoe tune`, and predictors.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgemoe.policies import Key
+
+FORMAT = "edgemoe-trace/1"
+
+
+class TraceError(ValueError):
+    """A trace file that is missing, malformed, or for another model."""
+
+
+@dataclass
+class Trace:
+    model: str
+    n_experts: int
+    top_k: int
+    moe_layers: list[int]
+    expert_bytes: dict[Key, int]
+    # steps[s][layer] = [[e, ...top_k] per token]
+    steps: list[dict[int, list[list[int]]]] = field(default_factory=list)
+
+    def demand_sequence(self) -> list[Key]:
+        """The cache's demand accesses, in the engine's order: per step, per layer ascending,
+        each distinct expert once, ascending id."""
+        seq: list[Key] = []
+        for step in self.steps:
+            for layer in sorted(step):
+                seq.extend((layer, e) for e in sorted({e for tok in step[layer] for e in tok}))
+        return seq
+
+    def tokens_per_step(self) -> list[int]:
+        return [len(next(iter(step.values()))) if step else 0 for step in self.steps]
+
+    def save(self, path: str | os.PathLike) -> None:
+        data = {"format": FORMAT, "model": self.model, "n_experts": self.n_experts, "top_k": self.top_k,
+                "moe_layers": self.moe_layers,
+                "expert_bytes": [[l, e, b] for (l, e), b in sorted(self.expert_bytes.items())],
+                "steps": [{str(l): ids for l, ids in step.items()} for step in self.steps]}
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Trace":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise TraceError(f"trace file {path} does not exist; record one with `edgemoe trace`") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise TraceError(f"{path} is not a trace file ({exc})") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise TraceError(f"{path} is not an {FORMAT} file")
+        try:
+            trace = cls(data["model"], int(data["n_experts"]), int(data["top_k"]), [int(x) for x in data["moe_layers"]],
+                        {(int(l), int(e)): int(b) for l, e, b in data["expert_bytes"]},
+                        [{int(l): ids for l, ids in step.items()} for step in data["steps"]])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TraceError(f"{path}: malformed trace field ({exc})") from None
+        for step in trace.steps:
+            for layer, ids in step.items():
+                if layer not in trace.moe_layers or any(not 0 <= e < trace.n_experts for tok in ids for e in tok):
+                    raise TraceError(f"{path}: step refers to layer {layer} / experts outside the model")
+        return trace
+
+
+class TraceRecorder:
+    """Attach to an engine's MoE blocks; each forward pass becomes one step."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.trace = Trace(str(engine.path.name), int(engine.file.arch_field("expert_count")),
+                           int(engine.file.arch_field("expert_used_count")),
+                           [b.layer for b in engine.model.moe_blocks],
+                           {k: s.alloc_bytes for k, s in engine.specs.items()})
+        self._current: dict[int, list[list[int]]] = {}
+        for b in engine.model.moe_blocks:
+            b.recorders.append(self._record)
+
+    def _record(self, layer: int, ids) -> None:
+        if layer in self._current:  # a new forward pass began
+            self.flush()
+        self._current[layer] = ids.tolist()
+
+    def flush(self) -> None:
+        if self._current:
+            self.trace.steps.append(self._current)
+            self._current = {}
+
+    def detach(self) -> Trace:
+        self.flush()
+        for b in self.engine.model.moe_blocks:
+            b.recorders.remove(self._record)
+        return self.trace
