@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prompts", type=Path, help="text file, one prompt per line")
     t.add_argument("-n", "--max-tokens", type=int, default=64, help="tokens generated per prompt (default 64)")
     t.add_argument("-o", "--output", type=Path, required=True, help="trace file to write (JSON)")
+    t.add_argument("--backend", choices=["edgemoe", "llama"], default="edgemoe",
+                   help="engine that runs the prompts (llama: read from llama.cpp's ffn_moe_topk tensors)")
     t.set_defaults(func=commands.trace_cmd)
 
     s = sub.add_parser("simulate", help="replay a routing trace through every cache policy and budget",

@@ -118,15 +118,25 @@ def generate_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _routing_tap(path):
+    from edgemoe.llama_backend import RoutingTap
+
+    model = GGUFFile(path)
+    return RoutingTap(int(model.arch_field("expert_used_count", 1)), int(model.arch_field("expert_count", 1)))
+
+
 def _generate_llama(args: argparse.Namespace, path) -> int:
     from edgemoe.llama_backend import open_llama, stream_generate
 
-    llm = open_llama(path, seed=args.seed)
+    tap = _routing_tap(path) if args.stats else None
+    llm = open_llama(path, seed=args.seed, n_ctx=args.ctx, routing=tap, n_threads=args.threads)
     sys.stdout.write(args.prompt)
     last = None
-    for event in stream_generate(llm, args.prompt, args.max_tokens, args.temperature):
+    for event in stream_generate(llm, args.prompt, args.max_tokens, args.temperature, routing=tap):
         sys.stdout.write(event.text)
         sys.stdout.flush()
+        if args.stats:
+            print(f"\n[token {event.index}: experts per layer {list(event.routing)}]", file=sys.stderr)
         last = event
     sys.stdout.write("\n")
     if last:
@@ -144,19 +154,40 @@ def trace_cmd(args: argparse.Namespace) -> int:
     if not prompts:
         raise ValueError("give at least one prompt with -p or --prompts FILE")
     path = _model_path(args.model)
-    engine = Engine(path)
-    try:
-        recorder = TraceRecorder(engine)
-        for prompt in prompts:
-            for _ in engine.stream_generate(prompt, args.max_tokens, stop_at_eos=False):
-                pass
-        trace = recorder.detach()
-    finally:
-        engine.close()
+    if args.backend == "llama":
+        trace = _trace_llama(path, prompts, args.max_tokens)
+    else:
+        engine = Engine(path)
+        try:
+            recorder = TraceRecorder(engine)
+            for prompt in prompts:
+                for _ in engine.stream_generate(prompt, args.max_tokens, stop_at_eos=False):
+                    pass
+            trace = recorder.detach()
+        finally:
+            engine.close()
     trace.save(args.output)
     print(f"wrote {args.output}: {len(trace.steps)} steps, {sum(trace.tokens_per_step())} tokens, "
           f"{len(trace.moe_layers)} MoE layers x {trace.n_experts} experts")
     return 0
+
+
+def _trace_llama(path, prompts: list[str], max_tokens: int):
+    from edgemoe.expert_store import stock_experts
+    from edgemoe.llama_backend import open_llama, stream_generate
+    from edgemoe.trace import Trace
+
+    model = GGUFFile(path)
+    specs = stock_experts(model)
+    tap = _routing_tap(path)
+    llm = open_llama(path, routing=tap)
+    for prompt in prompts:
+        for _ in stream_generate(llm, prompt, max_tokens, routing=tap):
+            pass
+    tap.flush()
+    layers = sorted({layer for layer, _ in specs})
+    return Trace(model.path.name, tap.n_expert, tap.top_k, layers, {k: s.alloc_bytes for k, s in specs.items()},
+                 tap.steps)
 
 
 def simulate_cmd(args: argparse.Namespace) -> int:

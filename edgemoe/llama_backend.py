@@ -1,54 +1,141 @@
 """The `llama` backend: stock GGUF files run unchanged through llama-cpp-python.
 
-It is both a product backend and the baseline every benchmark compares against.
+It is both a product backend and the baseline every benchmark compares against. With
+`routing=True` it also reports which experts each token chose, read from llama.cpp's
+`ffn_moe_topk-<layer>` graph tensors through the eval callback (public ggml API only).
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from edgemoe.gguf_file import GGUFFile, ModelFileError
+from edgemoe.events import StepEvent
+from edgemoe.gguf_file import EDGEMOE_KEY_PREFIX, GGUFFile, ModelFileError
+from edgemoe.memory import peak_rss_bytes
 
 
-@dataclass(frozen=True)
-class TokenEvent:
-    """One generated token, as every consumer (CLI, TUI, benchmarks) sees it."""
-    index: int
-    token: int
-    text: str
-    elapsed_s: float
-    tokens_per_s: float
+class RoutingTap:
+    """Collects ffn_moe_topk-<layer> (int32 [tokens, top_k]) from every llama.cpp graph eval.
+
+    llama.cpp computes only the last token in the last layer of a prefill, so that layer's
+    entry holds one row there."""
+
+    PREFIX = b"ffn_moe_topk-"
+
+    def __init__(self, top_k: int, n_expert: int):
+        import llama_cpp
+
+        from edgemoe.native.lib import ggml_base
+
+        self.top_k, self.n_expert = top_k, n_expert
+        self.lib = ggml_base()
+        self.lib.ggml_get_name.restype = ctypes.c_char_p
+        self.lib.ggml_get_name.argtypes = [ctypes.c_void_p]
+        self.lib.ggml_nelements.restype = ctypes.c_int64
+        self.lib.ggml_nelements.argtypes = [ctypes.c_void_p]
+        self.lib.ggml_is_contiguous.restype = ctypes.c_bool
+        self.lib.ggml_is_contiguous.argtypes = [ctypes.c_void_p]
+        self.steps: list[dict[int, list[list[int]]]] = []
+        self._current: dict[int, list[list[int]]] = {}
+        self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_tensor)
+
+    def _on_tensor(self, tensor, ask, user_data) -> bool:
+        name = self.lib.ggml_get_name(tensor) or b""
+        if ask:
+            return name.startswith(self.PREFIX)
+        if name.startswith(self.PREFIX):
+            layer = int(name[len(self.PREFIX):])
+            k = self.top_k
+            n_tokens = self.lib.ggml_nelements(tensor) // k
+            # top-k is a view of the full argsort [n_expert, tokens]: rows are n_expert apart
+            stride = k if self.lib.ggml_is_contiguous(tensor) else self.n_expert
+            n = (n_tokens - 1) * stride + k
+            buf = (ctypes.c_int32 * n)()
+            self.lib.ggml_backend_tensor_get(tensor, ctypes.cast(buf, ctypes.c_void_p), 0, n * 4)
+            ids = list(buf)
+            if layer in self._current:
+                self.flush()
+            self._current[layer] = [ids[t * stride:t * stride + k] for t in range(n_tokens)]
+        return True
+
+    def flush(self) -> None:
+        if self._current:
+            self.steps.append(self._current)
+            self._current = {}
+
+    def take_last(self) -> dict[int, list[list[int]]]:
+        self.flush()
+        return self.steps[-1] if self.steps else {}
 
 
-def open_llama(path: Path, n_ctx: int = 512, seed: int = 0, logits_all: bool = False, f32_kv: bool = False):
+def open_llama(path: Path, n_ctx: int = 512, seed: int = 0, logits_all: bool = False, f32_kv: bool = False,
+               routing: RoutingTap | None = None, n_threads: int | None = None):
     from llama_cpp import Llama
+    from llama_cpp import llama_cpp as low_level  # the module Llama() itself calls into
 
     model = GGUFFile(path)  # validates offsets and sizes before llama.cpp touches the file
-    if model.keys() and any(k.startswith("edgemoe.") for k in model.keys()):
+    if any(k.startswith(EDGEMOE_KEY_PREFIX) for k in model.keys()):
         raise ModelFileError(f"{path} uses edgemoe's extended layout, which stock llama.cpp cannot load; "
                              "use --backend edgemoe")
     kv = dict(type_k=0, type_v=0, flash_attn=False) if f32_kv else {}
+    if n_threads:
+        kv.update(n_threads=n_threads, n_threads_batch=n_threads)
+    with _eval_callback(low_level, routing):
+        try:
+            return Llama(str(path), n_ctx=n_ctx, seed=seed, logits_all=logits_all, verbose=False, **kv)
+        except ValueError as exc:
+            raise ModelFileError(f"llama.cpp could not load {path}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _eval_callback(llama_cpp, routing: RoutingTap | None):
+    """Llama() builds its context params from llama_context_default_params(); hand it ours."""
+    if routing is None:
+        yield
+        return
+    original = llama_cpp.llama_context_default_params
+
+    def with_callback():
+        params = original()
+        params.cb_eval = routing.callback
+        params.cb_eval_user_data = None
+        return params
+
+    llama_cpp.llama_context_default_params = with_callback
     try:
-        return Llama(str(path), n_ctx=n_ctx, seed=seed, logits_all=logits_all, verbose=False, **kv)
-    except ValueError as exc:
-        raise ModelFileError(f"llama.cpp could not load {path}: {exc}") from exc
+        yield
+    finally:
+        llama_cpp.llama_context_default_params = original
 
 
-def stream_generate(llm, prompt: str, max_tokens: int, temperature: float = 0.0) -> Iterator[TokenEvent]:
+def stream_generate(llm, prompt: str, max_tokens: int, temperature: float = 0.0,
+                    routing: RoutingTap | None = None) -> Iterator[StepEvent]:
     ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
     start = time.perf_counter()
+    first = None
     pending = b""
     for i, token in enumerate(llm.generate(ids, temp=temperature, top_k=0 if temperature == 0 else 40,
                                            top_p=1.0, repeat_penalty=1.0, reset=True)):
-        if token == llm.token_eos() or i >= max_tokens:
+        eos = token == llm.token_eos()
+        if i >= max_tokens:
             break
-        pending += llm.detokenize([token], prev_tokens=ids)
+        now = time.perf_counter()
+        first = first if first is not None else now
+        text = ""
+        if not eos:
+            pending += llm.detokenize([token], prev_tokens=ids)
+            text, pending = _complete_utf8(pending)
         ids.append(token)
-        text, pending = _complete_utf8(pending)
-        elapsed = time.perf_counter() - start
-        yield TokenEvent(i, token, text, elapsed, (i + 1) / elapsed if elapsed > 0 else 0.0)
+        chosen = routing.take_last() if routing else {}
+        layers = tuple(tuple(chosen[k][-1]) if chosen.get(k) else () for k in sorted(chosen))
+        tps = i / (now - first) if i > 0 and now > first else 0.0
+        yield StepEvent(i, token, text, now - start, tps, peak_rss_bytes=peak_rss_bytes(), routing=layers,
+                        finished=eos or i == max_tokens - 1)
+        if eos:
+            break
 
 
 def _complete_utf8(buf: bytes) -> tuple[str, bytes]:
