@@ -33,6 +33,56 @@ class QLinear:
         return out + self.bias if self.bias is not None else out
 
 
+class Embedding:
+    """Token embeddings read row by row from the file's quantized bytes (never widened whole:
+    a Mixtral embedding table in f32 would be 0.5 GB)."""
+
+    def __init__(self, model: GGUFFile, name: str):
+        import gguf
+
+        info = model.tensors[name]
+        self.vocab, self.dim = info.shape
+        self.qtype = info.qtype
+        self.row_bytes = info.nbytes // self.vocab
+        self.rows = np.asarray(model.data(name)).reshape(self.vocab, self.row_bytes)
+        self._dequantize = gguf.quants.dequantize
+
+    def __call__(self, tokens: list[int]) -> torch.Tensor:
+        ids = np.asarray(tokens, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab):
+            raise ValueError(f"token id out of range 0..{self.vocab - 1}")
+        raw = self.rows[ids]  # [T, row_bytes]
+        if self.qtype.name == "F32":
+            out = raw.view(np.float32)
+        else:
+            out = self._dequantize(raw, self.qtype)
+        return torch.from_numpy(np.array(out, dtype=np.float32).reshape(len(tokens), self.dim))
+
+
+def swiglu_ffn(backend: CpuBackend, gate: Weight, up: Weight, down: Weight, x: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate x) * up x) in one ggml graph, as llama.cpp's build_ffn/build_moe_ffn (SILU,
+    parallel gate). x: [T, D] -> [T, D_out]."""
+    with Graph(backend) as g:
+        xin = g.input(x.numpy())
+        h = g.swiglu(g.matmul(gate, xin), g.matmul(up, xin))   # [T, F]
+        (y,) = g.compute([(g.matmul(down, h), (x.shape[0], down.rows))])
+    return torch.from_numpy(y)
+
+
+class SwiGLU:
+    """A dense SwiGLU FFN from blk.N.ffn_{gate,up,down}{suffix}.weight: DeepSeek's leading dense
+    layers (suffix "") and shared experts of DeepSeek / Qwen2-MoE (suffix "_shexp")."""
+
+    def __init__(self, model: GGUFFile, layer: int, backend: CpuBackend, suffix: str = ""):
+        p = f"blk.{layer}."
+        self.gate, self.up, self.down = (QLinear(model, f"{p}ffn_{role}{suffix}.weight", backend)
+                                         for role in ("gate", "up", "down"))
+        self.backend = backend
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return swiglu_ffn(self.backend, self.gate.weight, self.up.weight, self.down.weight, x)
+
+
 def tensor_f32(model: GGUFFile, name: str) -> torch.Tensor:
     """A small tensor (norm weight, bias, router) dequantized to float32 torch."""
     import gguf.quants
@@ -45,6 +95,14 @@ def tensor_f32(model: GGUFFile, name: str) -> torch.Tensor:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def head_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS-norm of q or k, x: [T, H, d]. A weight of d values normalises each head (Qwen3);
+    one of H*d values normalises the whole projection before the head split (OLMoE)."""
+    if weight.shape[-1] == x.shape[-1]:
+        return rms_norm(x, weight, eps)
+    return rms_norm(x.reshape(x.shape[0], -1), weight, eps).view_as(x)
 
 
 def rope_freqs(dim: int, base: float) -> torch.Tensor:

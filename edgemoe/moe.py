@@ -8,8 +8,8 @@ import torch
 
 from edgemoe.expert_cache import ExpertCache
 from edgemoe.expert_store import ResidentExpert
+from edgemoe.layers import swiglu_ffn
 from edgemoe.native.backend import CpuBackend
-from edgemoe.native.tensors import Graph
 
 
 @dataclass(frozen=True)
@@ -25,18 +25,15 @@ def route(logits: torch.Tensor, cfg: RouterConfig) -> tuple[torch.Tensor, torch.
     probs = torch.softmax(logits, dim=-1) if cfg.gating == "softmax" else torch.sigmoid(logits)
     weights, ids = torch.topk(probs, cfg.top_k, dim=-1)
     if cfg.normalize:
-        weights = weights / weights.sum(-1, keepdim=True)
+        # llama.cpp clamps the sum at f16's smallest normal (matters only for sigmoid gating)
+        weights = weights / weights.sum(-1, keepdim=True).clamp(min=6.103515625e-5)
     return weights * cfg.scale, ids
 
 
 def expert_ffn(backend: CpuBackend, expert: ResidentExpert, x: torch.Tensor) -> torch.Tensor:
     """SwiGLU FFN of one expert. x: [n, D] -> [n, D]."""
     w = expert.weights
-    with Graph(backend) as g:
-        xin = g.input(x.numpy())
-        h = g.swiglu(g.matmul(w["gate"], xin), g.matmul(w["up"], xin))   # [n, F]
-        (y,) = g.compute([(g.matmul(w["down"], h), (x.shape[0], w["down"].rows))])
-    return torch.from_numpy(y)
+    return swiglu_ffn(backend, w["gate"], w["up"], w["down"], x)
 
 
 class MoEBlock:
@@ -66,3 +63,21 @@ class MoEBlock:
                 self.cache.release((self.layer, e))
             out.index_add_(0, tok, y * weights[tok, slot, None])
         return out
+
+
+class SharedExpertMoE:
+    """Routed experts plus an always-on dense FFN (`shared`, [T, D] -> [T, D]).
+
+    DeepSeek adds the shared output as is; Qwen2-MoE scales it per token by sigmoid(x . gate)
+    (gate: [1, D], llama.cpp's ffn_gate_inp_shexp)."""
+
+    def __init__(self, moe: MoEBlock, shared, gate: torch.Tensor | None = None):
+        self.moe, self.shared, self.gate = moe, shared, gate
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, D]
+        routed = self.moe(x)
+        shared = self.shared(x)
+        if self.gate is not None:
+            shared = shared * torch.sigmoid(x @ self.gate.T)  # [T, 1]
+        return routed + shared

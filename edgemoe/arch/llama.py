@@ -1,5 +1,8 @@
 """llama.cpp arch `llama` with experts: Mixtral. Q/K rows were permuted by the converter, so
-RoPE here rotates interleaved pairs exactly as llama.cpp does."""
+RoPE here rotates interleaved pairs exactly as llama.cpp does.
+
+The other architectures subclass `Attention` and `Model` and override only what differs:
+`neox`, `router_config`, `make_ffn`, `new_kv`."""
 from __future__ import annotations
 
 import math
@@ -9,9 +12,9 @@ import torch
 
 from edgemoe.arch import register
 from edgemoe.expert_cache import ExpertCache
-from edgemoe.gguf_file import GGUFFile
-from edgemoe.layers import KVCache, QLinear, apply_rope, attention, rms_norm, rope_freqs, tensor_f32
-from edgemoe.moe import MoEBlock, RouterConfig
+from edgemoe.gguf_file import GGUFFile, ModelFileError
+from edgemoe.layers import KVCache, QLinear, apply_rope, attention, head_norm, rms_norm, rope_freqs, tensor_f32
+from edgemoe.moe import MoEBlock, RouterConfig, SharedExpertMoE
 from edgemoe.native.backend import CpuBackend
 
 
@@ -30,6 +33,7 @@ class ModelArgs:
 
     @classmethod
     def from_gguf(cls, m: GGUFFile) -> "ModelArgs":
+        check_rope_scaling(m)
         n_heads = int(m.arch_field("attention.head_count"))
         hidden = int(m.arch_field("embedding_length"))
         head_dim = int(m.arch_field("attention.key_length", hidden // n_heads))
@@ -40,8 +44,15 @@ class ModelArgs:
                    int(m.arch_field("expert_count", 0)), int(m.arch_field("expert_used_count", 0)))
 
 
+def check_rope_scaling(m: GGUFFile) -> None:
+    kind = m.arch_field("rope.scaling.type")
+    if kind not in (None, "none"):
+        raise ModelFileError(f"{m.path}: RoPE scaling {kind!r} ({m.arch}.rope.scaling.type) is not supported by "
+                             "the edgemoe engine yet; run this file with --backend llama")
+
+
 class Attention:
-    neox = False
+    neox = False  # llama.cpp's rope type of the arch: NORM (interleaved pairs) or NEOX (halves)
 
     def __init__(self, m: GGUFFile, layer: int, args: ModelArgs, backend: CpuBackend):
         p = f"blk.{layer}."
@@ -49,6 +60,9 @@ class Attention:
         self.k = QLinear(m, p + "attn_k.weight", backend, bias=p + "attn_k.bias")
         self.v = QLinear(m, p + "attn_v.weight", backend, bias=p + "attn_v.bias")
         self.o = QLinear(m, p + "attn_output.weight", backend)
+        # OLMoE / Qwen3-MoE q/k RMS-norms, applied before RoPE (absent in Mixtral and Qwen2-MoE)
+        self.q_norm = tensor_f32(m, p + "attn_q_norm.weight") if p + "attn_q_norm.weight" in m.tensors else None
+        self.k_norm = tensor_f32(m, p + "attn_k_norm.weight") if p + "attn_k_norm.weight" in m.tensors else None
         self.layer, self.args = layer, args
         self.freqs = rope_freqs(args.rope_dim, args.rope_base)
 
@@ -56,19 +70,31 @@ class Attention:
         a = self.args
         T = x.shape[0]
         pos = torch.arange(start, start + T)
-        q = apply_rope(self.q(x).view(T, a.n_heads, a.head_dim), pos, self.freqs, self.neox)
-        k = apply_rope(self.k(x).view(T, a.n_kv_heads, a.head_dim), pos, self.freqs, self.neox)
+        q = self.q(x).view(T, a.n_heads, a.head_dim)
+        k = self.k(x).view(T, a.n_kv_heads, a.head_dim)
+        if self.q_norm is not None:
+            q = head_norm(q, self.q_norm, a.eps)
+        if self.k_norm is not None:
+            k = head_norm(k, self.k_norm, a.eps)
+        q = apply_rope(q, pos, self.freqs, self.neox)
+        k = apply_rope(k, pos, self.freqs, self.neox)
         v = self.v(x).view(T, a.n_kv_heads, a.head_dim)
         keys, values = kv.append(self.layer, k, v, start)
         return self.o(attention(q, keys, values, start, 1.0 / math.sqrt(a.head_dim)))
 
 
+class NeoxAttention(Attention):
+    neox = True  # llama_model_rope_type: qwen2moe, qwen3moe, olmoe rotate halves
+
+
 @register("llama")
 class Model:
+    args_class = ModelArgs
+    attention_class = Attention
     router_config = staticmethod(lambda args: RouterConfig(top_k=args.top_k, normalize=True))
 
     def __init__(self, m: GGUFFile, backend: CpuBackend, cache: ExpertCache):
-        self.args = args = ModelArgs.from_gguf(m)
+        self.args = args = self.args_class.from_gguf(m)
         if not args.n_experts:
             raise ValueError(f"{m.path} has no experts; edgemoe runs MoE models (use --backend llama for dense ones)")
         self.embed = tensor_f32(m, "token_embd.weight")  # [V, D]; rows are gathered, not multiplied
@@ -78,10 +104,13 @@ class Model:
         self.layers = []
         for i in range(args.n_layers):
             p = f"blk.{i}."
-            self.layers.append((tensor_f32(m, p + "attn_norm.weight"), Attention(m, i, args, backend),
-                                tensor_f32(m, p + "ffn_norm.weight"),
-                                MoEBlock(i, tensor_f32(m, p + "ffn_gate_inp.weight"), self.router_config(args),
-                                         cache, backend)))
+            self.layers.append((tensor_f32(m, p + "attn_norm.weight"), self.attention_class(m, i, args, backend),
+                                tensor_f32(m, p + "ffn_norm.weight"), self.make_ffn(m, i, backend, cache)))
+
+    def make_ffn(self, m: GGUFFile, layer: int, backend: CpuBackend, cache: ExpertCache):
+        """The FFN of `layer`: x [T, D] -> [T, D]. Here routed experts only."""
+        return MoEBlock(layer, tensor_f32(m, f"blk.{layer}.ffn_gate_inp.weight"), self.router_config(self.args),
+                        cache, backend)
 
     def new_kv(self, n_ctx: int) -> KVCache:
         a = self.args
@@ -89,14 +118,17 @@ class Model:
 
     @property
     def moe_blocks(self) -> list[MoEBlock]:
-        return [layer[3] for layer in self.layers]
+        """The routed-expert blocks in layer order (dense FFN layers have none)."""
+        ffns = [layer[3] for layer in self.layers]
+        return [f.moe if isinstance(f, SharedExpertMoE) else f for f in ffns
+                if isinstance(f, (MoEBlock, SharedExpertMoE))]
 
     def forward(self, tokens: list[int], kv: KVCache, start: int, all_logits: bool = False) -> torch.Tensor:
         """tokens at positions start.. -> logits [T, V] (or [1, V] for the last token)."""
         x = self.embed[torch.tensor(tokens)]  # [T, D]
         eps = self.args.eps
-        for attn_norm, attn, ffn_norm, moe in self.layers:
+        for attn_norm, attn, ffn_norm, ffn in self.layers:
             x = x + attn(rms_norm(x, attn_norm, eps), kv, start)
-            x = x + moe(rms_norm(x, ffn_norm, eps))
+            x = x + ffn(rms_norm(x, ffn_norm, eps))
         x = rms_norm(x if all_logits else x[-1:], self.norm, eps)
         return self.output(x)
