@@ -62,7 +62,17 @@ def convert(hf_dir: str | Path, out_path: str | Path, out_type: str = "f16",
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     write_vocab(w, ckpt.folder, int(ckpt.config["vocab_size"]))
 
-    jobs, fallbacks = _plan_jobs(conv.plan(), requested)
+    jobs, fallbacks = write_gguf(w, conv.plan(), requested, out, on_progress)
+    return ConvertReport(out, ckpt.architecture, len(jobs), sum(j.nbytes for j in jobs),
+                         sum(j.nbytes for j in jobs if j.tensor.expert_tensor),
+                         time.perf_counter() - start, fallbacks)
+
+
+def write_gguf(w: gguf.GGUFWriter, plan: list[PlannedTensor], requested: QT, out: Path,
+               on_progress: ProgressFn | None = None) -> tuple[list[_Job], dict[str, str]]:
+    """Add tensor infos for `plan` to a writer holding the metadata, then stream the data to
+    `out` atomically. Returns the jobs written and the type fallbacks taken."""
+    jobs, fallbacks = _plan_jobs(plan, requested)
     for job in jobs:
         t = job.tensor
         w.add_tensor_info(t.name, (*t.shape[:-1], row_bytes(job.qtype, t.shape[-1])), np.dtype(np.uint8),
@@ -76,16 +86,14 @@ def convert(hf_dir: str | Path, out_path: str | Path, out_type: str = "f16",
             _write_data(w, jobs, total, on_progress)
         finally:
             w.close()
-    return ConvertReport(out, ckpt.architecture, len(jobs), total,
-                         sum(j.nbytes for j in jobs if j.tensor.expert_tensor),
-                         time.perf_counter() - start, fallbacks)
+    return jobs, fallbacks
 
 
 def _plan_jobs(plan: list[PlannedTensor], requested: QT) -> tuple[list[_Job], dict[str, str]]:
     jobs, fallbacks = [], {}
     for t in plan:
-        qtype = QT.F32 if t.keep_f32 else choose_type(requested, t.shape[-1])
-        if qtype != requested and not t.keep_f32:
+        qtype = t.raw_qtype or (QT.F32 if t.keep_f32 else choose_type(requested, t.shape[-1]))
+        if qtype != requested and not t.keep_f32 and not t.raw_qtype:
             fallbacks[t.name] = qtype.name
         n_rows = int(np.prod(t.shape[:-1], dtype=np.int64))
         jobs.append(_Job(t, qtype, n_rows * row_bytes(qtype, t.shape[-1])))
@@ -102,12 +110,15 @@ def _write_data(w: gguf.GGUFWriter, jobs: list[_Job], total: int, on_progress: P
         written = 0
         for load in t.parts:
             data = load()
-            if data.size != per_part or data.shape[-1] != t.shape[-1]:
-                raise ConvertError(f"tensor {t.name}: a part has shape {data.shape}, "
-                                   f"expected {per_part} values in rows of {t.shape[-1]}")
-            if not np.isfinite(data).all():
-                raise ConvertError(f"tensor {t.name} holds NaN or Inf values; the checkpoint is corrupt")
-            block = quantize(data.reshape(-1, t.shape[-1]), job.qtype)
+            if t.raw_qtype is not None:
+                block = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
+            else:
+                if data.size != per_part or data.shape[-1] != t.shape[-1]:
+                    raise ConvertError(f"tensor {t.name}: a part has shape {data.shape}, "
+                                       f"expected {per_part} values in rows of {t.shape[-1]}")
+                if not np.isfinite(data).all():
+                    raise ConvertError(f"tensor {t.name} holds NaN or Inf values; the checkpoint is corrupt")
+                block = quantize(data.reshape(-1, t.shape[-1]), job.qtype)
             fout.write(block.data)
             written += block.nbytes
             done += block.nbytes

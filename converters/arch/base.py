@@ -15,6 +15,7 @@ from typing import Callable, ClassVar
 import gguf
 import numpy as np
 from gguf import MODEL_TENSOR as T
+from gguf import GGMLQuantizationType as QT
 
 from edgemoe.converters.errors import ConvertError
 from edgemoe.converters.hf_checkpoint import HFCheckpoint
@@ -31,6 +32,7 @@ class PlannedTensor:
     shape: tuple[int, ...]
     parts: list[Loader]
     keep_f32: bool = False  # norms, biases, routers: llama.cpp keeps these F32
+    raw_qtype: QT | None = None  # parts already yield bytes in this type (no quantization)
     layer: int | None = None
     expert_tensor: bool = False
 
@@ -75,6 +77,9 @@ class ArchConverter:
     # transformers' in-memory fused form, also accepted: [E, 2F, D] and [E, D, F]
     fused_regex: ClassVar[re.Pattern] = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
     f32_tensors: ClassVar[tuple[T, ...]] = (T.FFN_GATE_INP, T.FFN_GATE_INP_SHEXP)
+    # llama.cpp loaders of some archs need output.weight (no fallback to token_embd): a tied
+    # checkpoint (no lm_head) then gets a copy of the embedding
+    requires_output: ClassVar[bool] = False
 
     def __init__(self, ckpt: HFCheckpoint):
         self.ckpt = ckpt
@@ -119,8 +124,12 @@ class ArchConverter:
         w.add_vocab_size(self._require("vocab_size"))
         self.check_rope_scaling()
 
+    def rope_scaling(self) -> dict:
+        """Hub configs name it rope_scaling; transformers >= 5 saves rope_parameters."""
+        return self.hp.get("rope_scaling") or self.hp.get("rope_parameters") or {}
+
     def check_rope_scaling(self) -> None:
-        rope = self.hp.get("rope_scaling") or {}
+        rope = self.rope_scaling()
         kind = rope.get("rope_type", rope.get("type"))
         if kind not in (None, "default"):
             raise ConvertError(f"rope scaling {kind!r} in config.json is not supported yet by edgemoe convert")
@@ -161,7 +170,16 @@ class ArchConverter:
             planned.extend(self._plan_experts(layer, experts[layer]))
         for layer in sorted(fused):
             planned.extend(self._plan_fused_experts(layer, fused[layer]))
+        if self.requires_output and not any(t.name == "output.weight" for t in planned):
+            planned.append(self._plan_tied_output())
         return planned
+
+    def _plan_tied_output(self) -> PlannedTensor:
+        embed = "model.embed_tokens.weight"
+        if not self.ckpt.has(embed):
+            raise ConvertError(f"{self.ckpt.folder}: no lm_head.weight and no {embed} to tie it to")
+        return PlannedTensor(gguf.TENSOR_NAMES[T.OUTPUT] + ".weight", self.ckpt.shape(embed),
+                             [lambda: self.ckpt.load(embed)])
 
     def gguf_name(self, hf_name: str) -> str:
         new = self.tensor_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
