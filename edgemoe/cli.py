@@ -68,6 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 25%%, 50%%, 75%%)")
     s.add_argument("--policy", action="append", help="policy to replay (repeatable; default: all)")
     s.set_defaults(func=commands.simulate_cmd)
+    b = sub.add_parser("bench", help="edgemoe vs llama.cpp tokens/s on the same GGUF, at several budgets",
+                       description="Prefill and decode tokens/s of llama.cpp and of the edgemoe engine at full "
+                                   "expert budget and at smaller shares, measured side by side in one run; hit "
+                                   "rate vs Belady; ms per token by part. Default models: the demo model and a "
+                                   "Mixtral-shaped slice (true Mixtral dims, random Q4_K weights, built once).")
+    b.add_argument("models", type=Path, nargs="*", help=".gguf files (default: demo + Mixtral slice)")
+    b.add_argument("--slice-layers", type=int, default=2, help="layers of the Mixtral-shaped slice (default 2)")
+    b.add_argument("--no-slice", action="store_true", help="skip the Mixtral-shaped slice")
+    b.add_argument("--budgets", default="100,75,50,25", help="expert budgets in %% of all expert bytes")
+    b.add_argument("-n", "--tokens", type=int, default=32, help="decode tokens per run (default 32)")
+    b.add_argument("--prompt-tokens", type=int, default=64, help="prompt length for prefill (default 64)")
+    b.add_argument("--policy", default="lru")
+    b.add_argument("--prefetch", action="store_true")
+    b.add_argument("--threads", type=int, default=None, help="threads for both backends (default: all cores)")
+    b.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    b.set_defaults(func=commands.bench_cmd)
     return p
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import sys
 
 from rich.console import Console
@@ -216,3 +217,59 @@ def simulate_cmd(args: argparse.Namespace) -> int:
                   f"replayed, not counted); all experts = {total / 2**20:.1f} MiB")
     console.print(table)
     return 0
+
+
+def bench_cmd(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from edgemoe.bench import rows_as_dicts, run_bench
+
+    models = list(args.models)
+    if not models:
+        from edgemoe.demo import demo_gguf
+        models.append(demo_gguf())
+        if not args.no_slice:
+            from edgemoe.models.cache import cache_dir
+            from edgemoe.models.mixtral_slice import write_mixtral_slice
+            path = cache_dir("bench") / f"mixtral-slice-{args.slice_layers}L-q4_k.gguf"
+            if not path.exists():
+                print(f"building the Mixtral-shaped slice at {path} (once) ...", file=sys.stderr)
+                write_mixtral_slice(path, args.slice_layers, "q4_k")
+            models.append(path)
+    shares = [float(x) / 100 for x in args.budgets.split(",")]
+    threads = args.threads or os.cpu_count() or 1
+    prompt = _bench_prompt(args.prompt_tokens)
+    console = Console(width=200)  # the table is wide; wrapping it at 80 columns makes it unreadable
+    table = Table("model", "backend", "budget", "prefill tok/s", "decode tok/s", "vs llama.cpp", "hit %",
+                  "belady hit %", "MiB read/tok", "ms/tok dense|experts|stall|other", "peak RSS MiB")
+    all_rows = []
+    for path in models:
+        rows = run_bench(Path(path), prompt, args.tokens, shares, threads, args.policy, args.prefetch,
+                         on_row=lambda r: console.print(f"  {r.model} {r.backend} {100 * r.budget_share:.0f}%: "
+                                                        f"decode {r.decode_tps:.2f} tok/s", highlight=False))
+        for r in rows:
+            ms = "|".join(f"{r.ms_per_token[k]:.1f}" for k in ("dense", "experts", "stall", "other")) \
+                if r.ms_per_token else ""
+            table.add_row(r.model, r.backend, f"{100 * r.budget_share:.0f}%", f"{r.prefill_tps:.1f}",
+                          f"{r.decode_tps:.2f}", f"{r.ratio_vs_llama:.2f}x",
+                          "" if r.hit_rate is None else f"{100 * r.hit_rate:.1f}",
+                          "" if r.belady_hit_rate is None else f"{100 * r.belady_hit_rate:.1f}",
+                          "" if r.mib_read_per_token is None else f"{r.mib_read_per_token:.2f}", ms,
+                          f"{r.peak_rss_mib:.0f}" if r.peak_rss_mib else "")
+        table.add_section()
+        all_rows += rows
+    console.print(f"threads={threads} decode tokens={args.tokens} prompt tokens={args.prompt_tokens} "
+                  f"policy={args.policy} prefetch={args.prefetch}")
+    console.print(table)
+    if args.json:
+        args.json.write_text(json.dumps(rows_as_dicts(all_rows), indent=1))
+    return 0
+
+
+def _bench_prompt(n_tokens: int) -> str:
+    """Held-out demo-corpus text (real routing for the demo model), about n_tokens long."""
+    from edgemoe.models.corpus import load_corpus
+
+    text = " ".join(load_corpus().heldout)
+    return text[: n_tokens * 4]

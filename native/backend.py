@@ -20,6 +20,8 @@ class CpuBackend:
         self.n_threads = n_threads or os.cpu_count() or 1
         self.cpu.ggml_backend_cpu_set_n_threads(self.handle, self.n_threads)
         self.galloc = self.base.ggml_gallocr_new(self.base.ggml_backend_cpu_buffer_type())
+        # seconds spent in graph compute, by label ("dense", "experts"): where a token's time goes
+        self.compute_s: dict[str, float] = {}
 
     def set_threads(self, n_threads: int) -> None:
         if n_threads < 1:

@@ -6,6 +6,7 @@ the process on a failed assertion instead of raising.
 from __future__ import annotations
 
 import ctypes
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,8 +78,8 @@ class Graph:
 
     MAX_TENSORS = 4096
 
-    def __init__(self, backend: CpuBackend, max_nodes: int = 2048):
-        self.lib, self.backend = ggml_base(), backend
+    def __init__(self, backend: CpuBackend, max_nodes: int = 2048, label: str = "other"):
+        self.lib, self.backend, self.label = ggml_base(), backend, label
         size = self.lib.ggml_tensor_overhead() * self.MAX_TENSORS + self.lib.ggml_graph_overhead_custom(max_nodes, False)
         self.ctx = self.lib.ggml_init(InitParams(size, None, True))
         self.graph = self.lib.ggml_new_graph_custom(self.ctx, max_nodes, False)
@@ -129,7 +130,10 @@ class Graph:
             raise MemoryError("ggml could not allocate the compute graph")
         for inp in self.inputs:
             self.lib.ggml_backend_tensor_set(inp.tensor, ctypes.c_void_p(inp.array.ctypes.data), 0, inp.array.nbytes)
+        t0 = time.perf_counter()
         status = self.lib.ggml_backend_graph_compute(self.backend.handle, self.graph)
+        times = self.backend.compute_s
+        times[self.label] = times.get(self.label, 0.0) + time.perf_counter() - t0
         if status != 0:
             raise RuntimeError(f"ggml graph compute failed with status {status}")
         results = []

@@ -1,0 +1,107 @@
+"""`edgemoe bench`: edgemoe vs llama.cpp on the same GGUF, measured side by side in one run.
+
+For each model: llama.cpp's prefill and decode tokens/s, then the edgemoe engine at full
+expert budget and at smaller shares of the expert bytes, with hit rates next to Belady's
+(replayed on the routing recorded at full budget: same prompt, same tokens) and where each
+millisecond of a decode token goes.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from edgemoe.engine import Engine, EngineConfig
+from edgemoe.llama_backend import open_llama, stream_generate
+from edgemoe.memory import peak_rss_bytes
+from edgemoe.simulate import simulate
+from edgemoe.trace import TraceRecorder
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    model: str
+    backend: str
+    budget_share: float           # of all expert bytes (1.0 for llama.cpp)
+    prefill_tps: float
+    decode_tps: float
+    ratio_vs_llama: float          # decode tokens/s / llama.cpp's
+    hit_rate: float | None = None
+    belady_hit_rate: float | None = None
+    mib_read_per_token: float | None = None
+    ms_per_token: dict[str, float] = field(default_factory=dict)  # dense / experts / stall / other
+    peak_rss_mib: float = 0.0
+
+
+def bench_llama(path: Path, prompt_ids: list[int], n_tokens: int, n_threads: int) -> tuple[float, float]:
+    llm = open_llama(path, n_ctx=len(prompt_ids) + n_tokens + 8, n_threads=n_threads)
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(prompt_ids)
+    prefill = len(prompt_ids) / (time.perf_counter() - t0)
+    text = llm.detokenize(prompt_ids).decode("utf-8", errors="replace")
+    events = list(stream_generate(llm, text, n_tokens))
+    del llm
+    return prefill, events[-1].tokens_per_s
+
+
+def bench_engine(path: Path, prompt_ids: list[int], n_tokens: int, config: EngineConfig, record: bool = False):
+    engine = Engine(path, config)
+    try:
+        with torch.no_grad():
+            kv = engine.model.new_kv(len(prompt_ids) + 1)
+            t0 = time.perf_counter()
+            engine.model.forward(prompt_ids, kv, 0)
+            prefill = len(prompt_ids) / (time.perf_counter() - t0)
+        engine.cache.step_stats()
+        recorder = TraceRecorder(engine) if record else None
+        compute0 = dict(engine.backend.compute_s)
+        events = list(engine.stream_generate(prompt_ids, n_tokens, stop_at_eos=False))
+        trace = recorder.detach() if recorder else None
+        decode = events[1:]  # event 0 carries the prefill
+        n = max(len(decode), 1)
+        hits, misses = sum(e.cache.hits for e in decode), sum(e.cache.misses for e in decode)
+        wall = decode[-1].elapsed_s - events[0].elapsed_s if decode else 0.0
+        spent = {k: (v - compute0.get(k, 0.0)) for k, v in engine.backend.compute_s.items()}
+        ms = {"dense": spent.get("dense", 0.0), "experts": spent.get("experts", 0.0),
+              "stall": sum(e.cache.stall_s for e in decode)}
+        ms = {k: 1e3 * v / n for k, v in ms.items()}
+        ms["other"] = max(1e3 * wall / n - sum(ms.values()), 0.0)
+        return dict(prefill=prefill, decode=events[-1].tokens_per_s, hit_rate=hits / max(hits + misses, 1),
+                    mib_per_token=sum(e.cache.bytes_read for e in decode) / n / 2**20, ms=ms,
+                    peak=peak_rss_bytes() / 2**20, trace=trace, total=engine.expert_bytes_total,
+                    tokens=[e.token for e in events])
+    finally:
+        engine.close()
+
+
+def run_bench(path: Path, prompt: str, n_tokens: int, shares: list[float], n_threads: int, policy: str = "lru",
+              prefetch: bool = False, on_row=None) -> list[BenchRow]:
+    from edgemoe.tokenizer import Tokenizer
+
+    prompt_ids = Tokenizer(path).encode(prompt)
+    name = path.name
+    llama_prefill, llama_decode = bench_llama(path, prompt_ids, n_tokens, n_threads)
+    rows = [BenchRow(name, "llama.cpp", 1.0, llama_prefill, llama_decode, 1.0)]
+    on_row and on_row(rows[-1])
+    full = bench_engine(path, prompt_ids, n_tokens, EngineConfig(n_threads=n_threads, n_ctx=len(prompt_ids) + n_tokens + 1,
+                                                                 policy=policy, prefetch=prefetch), record=True)
+    trace = full["trace"]
+    for share in shares:
+        r = full if share >= 1.0 else bench_engine(
+            path, prompt_ids, n_tokens, EngineConfig(budget_bytes=int(full["total"] * share), policy=policy,
+                                                     prefetch=prefetch, n_threads=n_threads,
+                                                     n_ctx=len(prompt_ids) + n_tokens + 1))
+        budget = int(full["total"] * share)
+        belady = simulate(trace, budget, "belady").hit_rate if share < 1.0 else 1.0
+        rows.append(BenchRow(name, f"edgemoe/{policy}{'+prefetch' if prefetch else ''}", share, r["prefill"],
+                             r["decode"], r["decode"] / llama_decode if llama_decode else 0.0, r["hit_rate"], belady,
+                             r["mib_per_token"], r["ms"], r["peak"]))
+        on_row and on_row(rows[-1])
+    return rows
+
+
+def rows_as_dicts(rows: list[BenchRow]) -> list[dict]:
+    return [asdict(r) for r in rows]
