@@ -5,12 +5,15 @@ small per-token math (norms, RoPE, attention over the KV cache, routing).
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from edgemoe.gguf_file import GGUFFile
 from edgemoe.native.backend import CpuBackend
-from edgemoe.native.tensors import Graph, Weight
+from edgemoe.native.tensors import ALIGNMENT, Graph, Weight, aligned_empty
 
 
 class QLinear:
@@ -27,7 +30,7 @@ class QLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, in] -> [T, out]
-        with Graph(self.backend) as g:
+        with Graph(self.backend, label="dense") as g:
             (y,) = g.compute([(g.matmul(self.weight, g.input(x.numpy())), (x.shape[0], self.out_features))])
         out = torch.from_numpy(y)
         return out + self.bias if self.bias is not None else out
@@ -59,10 +62,39 @@ class Embedding:
         return torch.from_numpy(np.array(out, dtype=np.float32).reshape(len(tokens), self.dim))
 
 
-def swiglu_ffn(backend: CpuBackend, gate: Weight, up: Weight, down: Weight, x: torch.Tensor) -> torch.Tensor:
+class HeadLinear:
+    """y[:, h] = x[:, h] @ W[h].T for a 3-D GGUF weight [H, out, in] (ggml's mul_mat batched over
+    heads), each head on the file's quantized bytes: DeepSeek's attn_k_b / attn_v_b."""
+
+    def __init__(self, model: GGUFFile, name: str, backend: CpuBackend):
+        info = model.tensors[name]
+        if len(info.shape) != 3:
+            raise ValueError(f"{name} has shape {info.shape}; HeadLinear needs a 3-D weight [heads, out, in]")
+        n_heads, self.out_features, self.in_features = info.shape
+        raw, per = model.data(name), info.nbytes // n_heads
+        self.weights = []
+        for h in range(n_heads):
+            part = raw[h * per:(h + 1) * per]
+            if part.ctypes.data % ALIGNMENT:  # ggml wants aligned bytes; heads are small, copy them
+                part = aligned_empty(per)
+                part[:] = raw[h * per:(h + 1) * per]
+            self.weights.append(Weight(part, info.qtype, self.out_features, self.in_features, name=f"{name}[{h}]"))
+        self.backend = backend
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, H, in] -> [T, H, out]
+        T = x.shape[0]
+        with Graph(self.backend, label="dense") as g:
+            ys = g.compute([(g.matmul(w, g.input(x[:, h].numpy())), (T, self.out_features))
+                            for h, w in enumerate(self.weights)])
+        return torch.from_numpy(np.stack(ys, axis=1))
+
+
+def swiglu_ffn(backend: CpuBackend, gate: Weight, up: Weight, down: Weight, x: torch.Tensor,
+               label: str = "dense") -> torch.Tensor:
     """down(silu(gate x) * up x) in one ggml graph, as llama.cpp's build_ffn/build_moe_ffn (SILU,
     parallel gate). x: [T, D] -> [T, D_out]."""
-    with Graph(backend) as g:
+    with Graph(backend, label=label) as g:
         xin = g.input(x.numpy())
         h = g.swiglu(g.matmul(gate, xin), g.matmul(up, xin))   # [T, F]
         (y,) = g.compute([(g.matmul(down, h), (x.shape[0], down.rows))])
@@ -109,12 +141,39 @@ def rope_freqs(dim: int, base: float) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
 
 
-def apply_rope(x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor, neox: bool) -> torch.Tensor:
+@dataclass(frozen=True)
+class YaRN:
+    """ggml_rope_ext's YaRN inputs (ext_factor 1): positions interpolated by freq_scale on the
+    low-frequency dims, extrapolated on the high ones, with a linear ramp over dims
+    [corr_low, corr_high] between (ggml_rope_yarn_corr_dims); cos/sin scaled by `mscale`."""
+    freq_scale: float  # 1 / rope.scaling.factor
+    corr_low: float
+    corr_high: float
+    mscale: float
+
+    @classmethod
+    def from_ggml(cls, n_rot: int, base: float, freq_scale: float, n_ctx_orig: int, beta_fast: float,
+                  beta_slow: float, attn_factor: float) -> "YaRN":
+        def corr_dim(beta: float) -> float:
+            return n_rot * math.log(n_ctx_orig / (beta * 2 * math.pi)) / (2 * math.log(base))
+        low, high = max(0.0, math.floor(corr_dim(beta_fast))), min(n_rot - 1.0, math.ceil(corr_dim(beta_slow)))
+        return cls(freq_scale, low, high, attn_factor * (1 + 0.1 * math.log(1 / freq_scale)))
+
+
+def apply_rope(x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor, neox: bool,
+               yarn: YaRN | None = None) -> torch.Tensor:
     """x: [T, H, d] rotated on its first 2*len(freqs) dims. neox: pairs (i, i+d/2) as HF's
     rotate_half; otherwise interleaved pairs (2i, 2i+1) as llama.cpp's `llama` arch."""
     n_rot = 2 * freqs.shape[0]
     angles = pos.to(torch.float64)[:, None] * freqs[None, :]  # [T, n_rot/2]
-    cos, sin = angles.cos().float()[:, None, :], angles.sin().float()[:, None, :]
+    if yarn is None:
+        cos, sin = angles.cos().float()[:, None, :], angles.sin().float()[:, None, :]
+    else:  # ggml's rope_yarn with ext_factor 1
+        ramp = 1 - ((torch.arange(n_rot // 2, dtype=torch.float64) - yarn.corr_low)
+                    / max(0.001, yarn.corr_high - yarn.corr_low)).clamp(0, 1)  # [n_rot/2], 1 = extrapolate
+        angles = angles * yarn.freq_scale * (1 - ramp) + angles * ramp
+        cos = (angles.cos() * yarn.mscale).float()[:, None, :]
+        sin = (angles.sin() * yarn.mscale).float()[:, None, :]
     xr, rest = x[..., :n_rot], x[..., n_rot:]
     if neox:
         a, b = xr[..., : n_rot // 2], xr[..., n_rot // 2:]

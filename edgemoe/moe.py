@@ -33,7 +33,7 @@ def route(logits: torch.Tensor, cfg: RouterConfig) -> tuple[torch.Tensor, torch.
 def expert_ffn(backend: CpuBackend, expert: ResidentExpert, x: torch.Tensor) -> torch.Tensor:
     """SwiGLU FFN of one expert. x: [n, D] -> [n, D]."""
     w = expert.weights
-    return swiglu_ffn(backend, w["gate"], w["up"], w["down"], x)
+    return swiglu_ffn(backend, w["gate"], w["up"], w["down"], x, label="experts")
 
 
 class MoEBlock:

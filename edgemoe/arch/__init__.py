@@ -15,7 +15,7 @@ def register(*gguf_archs: str):
 
 
 def model_class(arch: str):
-    from edgemoe.arch import llama  # noqa: F401  (modules register on import)
+    from edgemoe.arch import deepseek2, llama, olmoe, qwen2moe, qwen3moe  # noqa: F401  (modules register on import)
 
     try:
         return _REGISTRY[arch]

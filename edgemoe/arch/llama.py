@@ -13,7 +13,7 @@ import torch
 from edgemoe.arch import register
 from edgemoe.expert_cache import ExpertCache
 from edgemoe.gguf_file import GGUFFile, ModelFileError
-from edgemoe.layers import KVCache, QLinear, apply_rope, attention, head_norm, rms_norm, rope_freqs, tensor_f32
+from edgemoe.layers import Embedding, KVCache, QLinear, apply_rope, attention, head_norm, rms_norm, rope_freqs, tensor_f32
 from edgemoe.moe import MoEBlock, RouterConfig, SharedExpertMoE
 from edgemoe.native.backend import CpuBackend
 
@@ -32,8 +32,9 @@ class ModelArgs:
     top_k: int
 
     @classmethod
-    def from_gguf(cls, m: GGUFFile) -> "ModelArgs":
-        check_rope_scaling(m)
+    def from_gguf(cls, m: GGUFFile, rope_scalings: tuple[str, ...] = ()) -> "ModelArgs":
+        """rope_scalings: RoPE scaling types (besides none) the calling architecture implements."""
+        check_rope_scaling(m, rope_scalings)
         n_heads = int(m.arch_field("attention.head_count"))
         hidden = int(m.arch_field("embedding_length"))
         head_dim = int(m.arch_field("attention.key_length", hidden // n_heads))
@@ -44,9 +45,9 @@ class ModelArgs:
                    int(m.arch_field("expert_count", 0)), int(m.arch_field("expert_used_count", 0)))
 
 
-def check_rope_scaling(m: GGUFFile) -> None:
+def check_rope_scaling(m: GGUFFile, supported: tuple[str, ...] = ()) -> None:
     kind = m.arch_field("rope.scaling.type")
-    if kind not in (None, "none"):
+    if kind not in (None, "none", *supported):
         raise ModelFileError(f"{m.path}: RoPE scaling {kind!r} ({m.arch}.rope.scaling.type) is not supported by "
                              "the edgemoe engine yet; run this file with --backend llama")
 
@@ -97,7 +98,7 @@ class Model:
         self.args = args = self.args_class.from_gguf(m)
         if not args.n_experts:
             raise ValueError(f"{m.path} has no experts; edgemoe runs MoE models (use --backend llama for dense ones)")
-        self.embed = tensor_f32(m, "token_embd.weight")  # [V, D]; rows are gathered, not multiplied
+        self.embed = Embedding(m, "token_embd.weight")
         out_name = "output.weight" if "output.weight" in m.tensors else "token_embd.weight"
         self.output = QLinear(m, out_name, backend)
         self.norm = tensor_f32(m, "output_norm.weight")
@@ -125,7 +126,7 @@ class Model:
 
     def forward(self, tokens: list[int], kv: KVCache, start: int, all_logits: bool = False) -> torch.Tensor:
         """tokens at positions start.. -> logits [T, V] (or [1, V] for the last token)."""
-        x = self.embed[torch.tensor(tokens)]  # [T, D]
+        x = self.embed(tokens)  # [T, D]
         eps = self.args.eps
         for attn_norm, attn, ffn_norm, ffn in self.layers:
             x = x + attn(rms_norm(x, attn_norm, eps), kv, start)
