@@ -87,8 +87,8 @@ def tiny_tokenizer(kind: str) -> Path:
     path = cache_dir("tokenizers") / f"{kind}-{TINY_VOCAB}-v{TINY_VERSION}"
     if (path / "tokenizer_config.json").exists():
         return path
+    train = {"bpe": train_bpe, "sentencepiece": train_sentencepiece}[kind]
     texts = load_corpus().train[:TOKENIZER_DOCS]
-    train = train_bpe if kind == "bpe" else train_sentencepiece
     return build_once(path, lambda tmp: train(
         texts, TINY_VOCAB, tmp, model_max_length=COMMON["max_position_embeddings"]))
 
@@ -115,14 +115,15 @@ def seeded_init(model: torch.nn.Module, seed: int) -> None:
             param.copy_(1.0 + NORM_JITTER * noise)
         elif "embed_tokens" in name:
             param.copy_(noise)  # unit-scale inputs; the first norm rescales anyway
-        elif ".gate.weight" in name or name.endswith("router.weight"):
-            param.copy_(noise * WEIGHT_STD * ROUTER_GAIN)  # MoE routers [E, D]
+        elif name.endswith("mlp.gate.weight"):  # MoE routers [E, D], in every arch here
+            param.copy_(noise * WEIGHT_STD * ROUTER_GAIN)
         else:
             param.copy_(noise * WEIGHT_STD)
 
 
-def tiny_model(arch: str, seed: int = 0):
-    """The seeded in-memory model of `arch` (eval mode, f32) and its tokenizer folder."""
+def tiny_model(arch: str, seed: int = 0) -> tuple[torch.nn.Module, Path]:
+    """The seeded in-memory model of `arch` (a transformers *ForCausalLM, eval mode, f32) and
+    its tokenizer folder."""
     import transformers
 
     spec = ARCHS[arch]
@@ -149,9 +150,12 @@ def _check_reload(model, out: Path) -> None:
     that does not reload exactly would make every parity test compare against noise."""
     from transformers import AutoModelForCausalLM
 
-    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
     expected = model.state_dict()
-    for name, tensor in reloaded.state_dict().items():
+    if loaded.keys() != expected.keys():
+        raise RuntimeError(f"tiny checkpoint {out} reloads with different parameters: "
+                           f"{sorted(loaded.keys() ^ expected.keys())[:5]}")
+    for name, tensor in loaded.items():
         if not torch.equal(tensor, expected[name]):
             raise RuntimeError(f"tiny checkpoint {out}: {name} does not reload to the saved values; "
                                "this transformers version may save names it cannot load back")
