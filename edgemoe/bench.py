@@ -15,7 +15,7 @@ import torch
 
 from edgemoe.engine import Engine, EngineConfig
 from edgemoe.llama_backend import open_llama, stream_generate
-from edgemoe.memory import peak_rss_bytes
+from edgemoe.memory import peak_rss_bytes, reset_peak_rss
 from edgemoe.simulate import simulate
 from edgemoe.trace import TraceRecorder
 
@@ -32,7 +32,7 @@ class BenchRow:
     belady_hit_rate: float | None = None
     mib_read_per_token: float | None = None
     ms_per_token: dict[str, float] = field(default_factory=dict)  # dense / experts / stall / other
-    peak_rss_mib: float = 0.0
+    peak_rss_mib: float = 0.0         # VmHWM over the run, reset before it
 
 
 def bench_llama(path: Path, prompt_ids: list[int], n_tokens: int, n_threads: int) -> tuple[float, float]:
@@ -43,11 +43,12 @@ def bench_llama(path: Path, prompt_ids: list[int], n_tokens: int, n_threads: int
     prefill = len(prompt_ids) / (time.perf_counter() - t0)
     text = llm.detokenize(prompt_ids).decode("utf-8", errors="replace")
     events = list(stream_generate(llm, text, n_tokens))
-    del llm
+    llm.close()  # unmaps the model: the engine runs after it in this process
     return prefill, events[-1].tokens_per_s
 
 
 def bench_engine(path: Path, prompt_ids: list[int], n_tokens: int, config: EngineConfig, record: bool = False):
+    reset_peak_rss()  # peak RSS per run, not the process's (llama.cpp ran in it first)
     engine = Engine(path, config)
     try:
         with torch.no_grad():
@@ -57,8 +58,11 @@ def bench_engine(path: Path, prompt_ids: list[int], n_tokens: int, config: Engin
             prefill = len(prompt_ids) / (time.perf_counter() - t0)
         engine.cache.step_stats()
         recorder = TraceRecorder(engine) if record else None
-        compute0 = dict(engine.backend.compute_s)
-        events = list(engine.stream_generate(prompt_ids, n_tokens, stop_at_eos=False))
+        events, compute0 = [], {}
+        for event in engine.stream_generate(prompt_ids, n_tokens, stop_at_eos=False):
+            if not events:  # event 0 is the prefill: count compute from here on
+                compute0 = dict(engine.backend.compute_s)
+            events.append(event)
         trace = recorder.detach() if recorder else None
         decode = events[1:]  # event 0 carries the prefill
         n = max(len(decode), 1)

@@ -36,6 +36,17 @@ class QLinear:
         return out + self.bias if self.bias is not None else out
 
 
+def project(linears: list["QLinear"], x: torch.Tensor) -> list[torch.Tensor]:
+    """Several projections of the same input in one ggml graph (one thread-pool wake-up instead
+    of one per matrix: q/k/v of a decode step). x: [T, in] -> [[T, out_i]]."""
+    backend = linears[0].backend
+    with Graph(backend, label="dense") as g:
+        xin = g.input(x.numpy())
+        ys = g.compute([(g.matmul(lin.weight, xin), (x.shape[0], lin.out_features)) for lin in linears])
+    return [torch.from_numpy(y) + lin.bias if lin.bias is not None else torch.from_numpy(y)
+            for y, lin in zip(ys, linears)]
+
+
 class Embedding:
     """Token embeddings read row by row from the file's quantized bytes (never widened whole:
     a Mixtral embedding table in f32 would be 0.5 GB)."""
@@ -88,6 +99,18 @@ class HeadLinear:
             ys = g.compute([(g.matmul(w, g.input(x[:, h].numpy())), (T, self.out_features))
                             for h, w in enumerate(self.weights)])
         return torch.from_numpy(np.stack(ys, axis=1))
+
+
+def swiglu_ffns(backend: CpuBackend, ffns: list[tuple[Weight, Weight, Weight, torch.Tensor]],
+                label: str = "dense") -> list[torch.Tensor]:
+    """Several SwiGLU FFNs (gate, up, down, x) in one ggml graph: the chosen experts of a layer."""
+    with Graph(backend, label=label) as g:
+        outs = []
+        for gate, up, down, x in ffns:
+            xin = g.input(x.numpy())
+            h = g.swiglu(g.matmul(gate, xin), g.matmul(up, xin))   # [T, F]
+            outs.append((g.matmul(down, h), (x.shape[0], down.rows)))
+        return [torch.from_numpy(y) for y in g.compute(outs)]
 
 
 def swiglu_ffn(backend: CpuBackend, gate: Weight, up: Weight, down: Weight, x: torch.Tensor,

@@ -8,7 +8,7 @@ import torch
 
 from edgemoe.expert_cache import ExpertCache
 from edgemoe.expert_store import ResidentExpert
-from edgemoe.layers import swiglu_ffn
+from edgemoe.layers import swiglu_ffn, swiglu_ffns
 from edgemoe.native.backend import CpuBackend
 
 
@@ -54,13 +54,30 @@ class MoEBlock:
         out = torch.zeros_like(x)
         # ascending id order: the demand sequence then depends on routing only, never on cache
         # state, so a recorded trace replays exactly (and Belady's future is well defined)
-        for e in ids.unique().tolist():
-            tok, slot = torch.nonzero(ids == e, as_tuple=True)
-            expert = self.cache.acquire((self.layer, e))
+        chosen = ids.unique().tolist()
+        assign = {e: torch.nonzero(ids == e, as_tuple=True) for e in chosen}  # e -> (tokens, slots)
+        keys = [(self.layer, e) for e in chosen]
+        if sum(self.cache.specs[k].alloc_bytes for k in keys) <= self.cache.budget_bytes:
+            # all fit at once: pin them all and run one graph (one thread-pool wake-up per layer)
+            experts = []
             try:
-                y = expert_ffn(self.backend, expert, x[tok])
+                for k in keys:
+                    experts.append(self.cache.acquire(k))
+                ys = swiglu_ffns(self.backend, [(ex.weights["gate"], ex.weights["up"], ex.weights["down"],
+                                                 x[assign[e][0]]) for ex, e in zip(experts, chosen)], label="experts")
             finally:
-                self.cache.release((self.layer, e))
+                for k in keys[:len(experts)]:
+                    self.cache.release(k)
+        else:  # a budget below the layer's working set: one expert resident at a time
+            ys = []
+            for k, e in zip(keys, chosen):
+                expert = self.cache.acquire(k)
+                try:
+                    ys.append(expert_ffn(self.backend, expert, x[assign[e][0]]))
+                finally:
+                    self.cache.release(k)
+        for e, y in zip(chosen, ys):
+            tok, slot = assign[e]
             out.index_add_(0, tok, y * weights[tok, slot, None])
         return out
 

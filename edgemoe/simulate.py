@@ -32,21 +32,25 @@ def simulate(trace: Trace, budget_bytes: int, policy: str, seed: int = 0, decode
     seq = trace.demand_sequence()
     state = Residency(trace.expert_bytes, budget_bytes, make_policy(policy, seq, seed))
     counted_hits = counted_misses = counted_bytes = 0
-    i = 0
     for step in trace.steps:
-        n = sum(len({e for tok in ids for e in tok}) for ids in step.values())
         hits = misses = nbytes = 0
-        for key in seq[i:i + n]:
-            state.touch(key)
-            if key in state.resident:
-                hits += 1
-                continue
-            misses += 1
-            state.make_room(state.sizes[key])
-            state.begin_load(key)
-            state.finish_load(key, state.sizes[key], prefetched=False)
-            nbytes += state.sizes[key]
-        i += n
+        for layer in sorted(step):
+            keys = [(layer, e) for e in sorted({e for tok in step[layer] for e in tok})]
+            # as MoEBlock: when a layer's experts fit the budget together they are pinned together
+            together = sum(state.sizes[k] for k in keys) <= budget_bytes
+            for key in keys:
+                state.touch(key)
+                if key in state.resident:
+                    hits += 1
+                else:
+                    misses += 1
+                    state.make_room(state.sizes[key])
+                    state.begin_load(key)
+                    state.finish_load(key, state.sizes[key], prefetched=False)
+                    nbytes += state.sizes[key]
+                if together:
+                    state.pins[key] += 1
+            state.pins.clear()
         if not decode_only or len(next(iter(step.values()), [])) == 1:
             counted_hits, counted_misses, counted_bytes = counted_hits + hits, counted_misses + misses, counted_bytes + nbytes
     tokens = sum(n for n in trace.tokens_per_step() if n == 1 or not decode_only)

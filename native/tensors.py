@@ -76,9 +76,11 @@ class Graph:
     Activations are small (tokens x hidden), so inputs are copied in; weights are not copied.
     """
 
-    MAX_TENSORS = 4096
+    # Sized for our graphs (a layer's experts: ~6 nodes each): the context's metadata is malloc'd
+    # per graph, and a large one costs a fresh mmap + page faults on every decode step.
+    MAX_TENSORS = 512
 
-    def __init__(self, backend: CpuBackend, max_nodes: int = 2048, label: str = "other"):
+    def __init__(self, backend: CpuBackend, max_nodes: int = 256, label: str = "other"):
         self.lib, self.backend, self.label = ggml_base(), backend, label
         size = self.lib.ggml_tensor_overhead() * self.MAX_TENSORS + self.lib.ggml_graph_overhead_custom(max_nodes, False)
         self.ctx = self.lib.ggml_init(InitParams(size, None, True))

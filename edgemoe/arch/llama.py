@@ -13,7 +13,7 @@ import torch
 from edgemoe.arch import register
 from edgemoe.expert_cache import ExpertCache
 from edgemoe.gguf_file import GGUFFile, ModelFileError
-from edgemoe.layers import Embedding, KVCache, QLinear, apply_rope, attention, head_norm, rms_norm, rope_freqs, tensor_f32
+from edgemoe.layers import Embedding, KVCache, QLinear, project, apply_rope, attention, head_norm, rms_norm, rope_freqs, tensor_f32
 from edgemoe.moe import MoEBlock, RouterConfig, SharedExpertMoE
 from edgemoe.native.backend import CpuBackend
 
@@ -71,15 +71,16 @@ class Attention:
         a = self.args
         T = x.shape[0]
         pos = torch.arange(start, start + T)
-        q = self.q(x).view(T, a.n_heads, a.head_dim)
-        k = self.k(x).view(T, a.n_kv_heads, a.head_dim)
+        q, k, v = project([self.q, self.k, self.v], x)
+        q = q.view(T, a.n_heads, a.head_dim)
+        k = k.view(T, a.n_kv_heads, a.head_dim)
         if self.q_norm is not None:
             q = head_norm(q, self.q_norm, a.eps)
         if self.k_norm is not None:
             k = head_norm(k, self.k_norm, a.eps)
         q = apply_rope(q, pos, self.freqs, self.neox)
         k = apply_rope(k, pos, self.freqs, self.neox)
-        v = self.v(x).view(T, a.n_kv_heads, a.head_dim)
+        v = v.view(T, a.n_kv_heads, a.head_dim)
         keys, values = kv.append(self.layer, k, v, start)
         return self.o(attention(q, keys, values, start, 1.0 / math.sqrt(a.head_dim)))
 
