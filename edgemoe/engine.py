@@ -14,14 +14,14 @@ import numpy as np
 import torch
 
 from edgemoe.arch import model_class
-from edgemoe.events import StepEvent
+from edgemoe.events import CacheStats, StepEvent
 from edgemoe.expert_cache import ExpertCache
 from edgemoe.expert_store import stock_experts
 from edgemoe.gguf_file import GGUFFile
-from edgemoe.llama_backend import _complete_utf8
 from edgemoe.memory import peak_rss_bytes
 from edgemoe.native.backend import CpuBackend
 from edgemoe.policies import Key, make_policy
+from edgemoe.text import split_complete_utf8
 from edgemoe.tokenizer import Tokenizer
 
 
@@ -89,7 +89,7 @@ class Engine:
                 text = ""
                 if not (stop_at_eos and token == self.tokenizer.eos):
                     pending += self.tokenizer.decode_bytes([token], prev=history)
-                    text, pending = _complete_utf8(pending)
+                    text, pending = split_complete_utf8(pending)
                 history.append(token)
                 # decode speed excludes the prefill: tokens after the first over the time since it
                 tps = i / (now - first_token_s) if i > 0 and now > first_token_s else 0.0
@@ -101,6 +101,18 @@ class Engine:
         routing = tuple(tuple(b.last_ids[-1].tolist()) if b.last_ids is not None else () for b in self.model.moe_blocks)
         return StepEvent(index, token, text, elapsed_s, tps, self.cache.step_stats(), peak_rss_bytes(), routing,
                          finished)
+
+    def residency(self) -> CacheStats:
+        """Resident set and budget now, leaving the step counters to the next event: a live view
+        shows the effect of `cache.set_budget` at once, without waiting for a token."""
+        with self.cache.cond:
+            keys = tuple(sorted(self.cache.resident))
+            budget = self.cache.budget_bytes
+        per_layer = [0] * self.cache.n_layers
+        for key in keys:
+            per_layer[key[0]] += self.specs[key].alloc_bytes
+        return CacheStats(resident_bytes=sum(per_layer), budget_bytes=budget,
+                          resident_bytes_per_layer=tuple(per_layer), resident_experts=keys)
 
     def close(self) -> None:
         if self.prefetcher:

@@ -15,6 +15,7 @@ from typing import Iterator
 from edgemoe.events import StepEvent
 from edgemoe.gguf_file import EDGEMOE_KEY_PREFIX, GGUFFile, ModelFileError
 from edgemoe.memory import peak_rss_bytes
+from edgemoe.text import split_complete_utf8
 
 
 class RoutingTap:
@@ -127,7 +128,7 @@ def stream_generate(llm, prompt: str, max_tokens: int, temperature: float = 0.0,
         text = ""
         if not eos:
             pending += llm.detokenize([token], prev_tokens=ids)
-            text, pending = _complete_utf8(pending)
+            text, pending = split_complete_utf8(pending)
         ids.append(token)
         chosen = routing.take_last() if routing else {}
         layers = tuple(tuple(chosen[k][-1]) if chosen.get(k) else () for k in sorted(chosen))
@@ -136,13 +137,3 @@ def stream_generate(llm, prompt: str, max_tokens: int, temperature: float = 0.0,
                         finished=eos or i == max_tokens - 1)
         if eos:
             break
-
-
-def _complete_utf8(buf: bytes) -> tuple[str, bytes]:
-    """Split off a trailing incomplete UTF-8 sequence (a token may end mid-character)."""
-    for cut in range(len(buf), max(len(buf) - 4, -1), -1):
-        try:
-            return buf[:cut].decode("utf-8"), buf[cut:]
-        except UnicodeDecodeError:
-            continue
-    return buf.decode("utf-8", errors="replace"), b""
