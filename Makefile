@@ -13,9 +13,9 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# Main job: generate text with the embedded demo MoE model.
+# Main job: chat in the terminal with the embedded demo MoE model, live expert-cache statistics beside it.
 run: setup
-	$(VENV)/bin/edgemoe generate --prompt "The os module provides"
+	$(VENV)/bin/edgemoe chat
 
 # The whole test suite (slow tests included); exits non-zero if no test ran.
 test: setup

@@ -92,8 +92,9 @@ def write_gguf(w: gguf.GGUFWriter, plan: list[PlannedTensor], requested: QT, out
 def _plan_jobs(plan: list[PlannedTensor], requested: QT) -> tuple[list[_Job], dict[str, str]]:
     jobs, fallbacks = [], {}
     for t in plan:
-        qtype = t.raw_qtype or (QT.F32 if t.keep_f32 else choose_type(requested, t.shape[-1]))
-        if qtype != requested and not t.keep_f32 and not t.raw_qtype:
+        wanted = t.qtype if t.qtype is not None else requested
+        qtype = t.raw_qtype or (QT.F32 if t.keep_f32 else choose_type(wanted, t.shape[-1]))
+        if qtype != wanted and not t.keep_f32 and not t.raw_qtype:
             fallbacks[t.name] = qtype.name
         n_rows = int(np.prod(t.shape[:-1], dtype=np.int64))
         jobs.append(_Job(t, qtype, n_rows * row_bytes(qtype, t.shape[-1])))
@@ -118,7 +119,7 @@ def _write_data(w: gguf.GGUFWriter, jobs: list[_Job], total: int, on_progress: P
                                        f"expected {per_part} values in rows of {t.shape[-1]}")
                 if not np.isfinite(data).all():
                     raise ConvertError(f"tensor {t.name} holds NaN or Inf values; the checkpoint is corrupt")
-                block = quantize(data.reshape(-1, t.shape[-1]), job.qtype)
+                block = quantize(data.reshape(-1, t.shape[-1]), job.qtype, t.imatrix)
             fout.write(block.data)
             written += block.nbytes
             done += block.nbytes

@@ -21,9 +21,23 @@ def build_parser() -> argparse.ArgumentParser:
                                    "streamed one at a time, so a model larger than RAM converts too.")
     c.add_argument("hf_dir", type=Path, help="checkpoint folder")
     c.add_argument("-o", "--output", type=Path, required=True, help="output .gguf path (written atomically)")
-    c.add_argument("--type", default="f16",
-                   help="tensor type: f32, f16, bf16, q8_0, q4_0, q2_k, q3_k, q4_k, q5_k, q6_k (default f16); "
-                        "norms and routers stay f32, rows that do not fit a K-quant block fall back")
+    c.add_argument("--type", default=None,
+                   help="tensor type: f32, f16, bf16, q8_0, q4_0, q2_k, q3_k, q4_k, q5_k, q6_k (default f16; with "
+                        "--mixed the dense tensors' type, default q8_0); norms and routers stay f32, rows that do "
+                        "not fit a K-quant block fall back")
+    c.add_argument("--mixed", action="store_true",
+                   help="per-expert mixed precision: calibrate, then give each expert the type (q2_k..q8_0) that "
+                        "minimises expected output error within --expert-bytes / --avg-bits; writes edgemoe's "
+                        "extended layout (runs in the edgemoe engine, not in stock llama.cpp)")
+    c.add_argument("--expert-bytes", default=None, help="with --mixed: bytes for all experts (1.5GB, 800MiB)")
+    c.add_argument("--avg-bits", type=float, default=None, help="with --mixed: average bits per expert weight (3.5)")
+    c.add_argument("--calibration", type=Path, default=None,
+                   help="with --mixed: calibration text (.txt, or .jsonl of strings / {\"text\": ...}); "
+                        "default: the demo corpus's train split")
+    c.add_argument("--calibration-tokens", type=int, default=8192, help="with --mixed: tokens to calibrate on")
+    c.add_argument("--imatrix", choices=["auto", "always", "never"], default="never",
+                   help="with --mixed: quantize experts with their importance matrices never (default: on the demo "
+                        "model it did not lower held-out KL), always, or where calibration measured it better (auto)")
     c.set_defaults(func=commands.convert_cmd)
 
     i = sub.add_parser("inspect", help="show what a GGUF file holds",
@@ -31,6 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "bytes, and whether stock llama.cpp can load the file.")
     i.add_argument("model", type=Path, help=".gguf file")
     i.set_defaults(func=commands.inspect_cmd)
+
+    e = sub.add_parser("eval", help="perplexity, KL divergence and top-1 agreement against a reference GGUF",
+                       description="Run each model and the reference through the edgemoe engine on held-out "
+                                   "windows (default: the demo corpus's held-out split) and report perplexity, "
+                                   "KL(reference || model) per token, top-1 agreement and expert bytes.")
+    e.add_argument("models", type=Path, nargs="+", help=".gguf files to evaluate")
+    e.add_argument("--reference", type=Path, required=True, help="reference .gguf (e.g. the f32 conversion)")
+    e.add_argument("--text", type=Path, default=None, help="evaluation text (.txt or .jsonl) instead of the demo's")
+    e.add_argument("--windows", type=int, default=None, help="at most this many 256-token windows")
+    e.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
+    e.set_defaults(func=commands.eval_cmd)
 
     g = sub.add_parser("generate", help="generate text from a GGUF model",
                        description="Stream a continuation of a prompt. Without MODEL, the embedded demo model "
@@ -44,8 +69,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="edgemoe: our engine with the budgeted expert cache (default); "
                         "llama: stock llama.cpp through llama-cpp-python")
     _engine_options(g)
+    g.add_argument("--predictor", default=None, metavar="NAME|FILE.onnx",
+                   help="prefetch with this predictor (implies --prefetch): router (next-layer router speculation; "
+                        "the --prefetch default), prior (routing frequencies), none, learned (the .onnx beside the "
+                        "model or embedded in it), or a FILE.onnx from `edgemoe predictor train`")
     g.add_argument("--stats", action="store_true", help="print cache statistics per token to stderr")
     g.set_defaults(func=commands.generate_cmd)
+
+    ch = sub.add_parser("chat", help="chat in the terminal, with live expert-cache statistics",
+                        description="A terminal chat (Textual) next to live statistics: tokens/s, hit rate "
+                                    "overall and per layer, a layers x experts residency/heat map, bytes loaded "
+                                    "per token, prefetch accuracy, resident bytes vs budget, peak RSS. Budget and "
+                                    "policy change while it runs (F3, F5/F6/F7). Without MODEL, the embedded demo "
+                                    "model. F1 in the app lists the keys.")
+    ch.add_argument("model", type=Path, nargs="?", default=None, help=".gguf file (default: the demo model)")
+    ch.add_argument("--backend", choices=["edgemoe", "llama"], default="edgemoe",
+                    help="edgemoe: our engine with the budgeted expert cache (default); "
+                         "llama: stock llama.cpp (statistics: speed, routing heat, peak RSS)")
+    ch.add_argument("--temperature", type=float, default=0.7, help="sampling temperature, 0 = greedy (default 0.7)")
+    ch.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
+    ch.add_argument("-n", "--max-tokens", type=int, default=128, help="tokens per reply (default 128)")
+    ch.add_argument("--seed", type=int, default=0)
+    _engine_options(ch)
+    ch.set_defaults(func=commands.chat_cmd)
 
     t = sub.add_parser("trace", help="record a routing trace (experts chosen per token and layer)",
                        description="Generate from each prompt with the edgemoe engine and record which experts "
@@ -57,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-o", "--output", type=Path, required=True, help="trace file to write (JSON)")
     t.add_argument("--backend", choices=["edgemoe", "llama"], default="edgemoe",
                    help="engine that runs the prompts (llama: read from llama.cpp's ffn_moe_topk tensors)")
+    t.add_argument("--no-router-logits", action="store_true",
+                   help="leave out the router look-ahead logits (edgemoe backend; they let `simulate "
+                        "--compare-predictors` score router speculation, and make the file ~10x larger)")
     t.set_defaults(func=commands.trace_cmd)
 
     s = sub.add_parser("simulate", help="replay a routing trace through every cache policy and budget",
@@ -67,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="expert budget: bytes (2GB, 512MiB) or a share of all experts (50%%); repeatable "
                         "(default: 25%%, 50%%, 75%%)")
     s.add_argument("--policy", action="append", help="policy to replay (repeatable; default: all)")
+    s.add_argument("--compare-predictors", action="store_true",
+                   help="instead of policies: replay each prefetch predictor (none, router, prior, learned) with "
+                        "the first --policy (default lru): precision/recall, hit rate vs Belady, wasted bytes")
+    s.add_argument("--predictor", type=Path, default=None, metavar="FILE.onnx",
+                   help="the learned predictor to compare (implies --compare-predictors)")
     s.set_defaults(func=commands.simulate_cmd)
     b = sub.add_parser("bench", help="edgemoe vs llama.cpp tokens/s on the same GGUF, at several budgets",
                        description="Prefill and decode tokens/s of llama.cpp and of the edgemoe engine at full "
@@ -84,7 +138,68 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=None, help="threads for both backends (default: all cores)")
     b.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     b.set_defaults(func=commands.bench_cmd)
+
+    tu = sub.add_parser("tune", help="find the expert budget, policy and prefetch setting that run fastest under a "
+                                     "memory cap, and write a profile for generate/chat",
+                        description="Measure the machine, record a routing trace on the prompts, replay it through "
+                                    "every budget x policy x prefetch setting, predict tokens/s with a cost model "
+                                    "calibrated by real runs, confirm the best few with real runs, and write "
+                                    "profile.yaml (for --profile), tune.png and tune.json to --out. Ctrl-C keeps what "
+                                    "was gathered.")
+    tu.add_argument("model", type=Path, nargs="?", default=None, help=".gguf file (default: the demo model)")
+    tu.add_argument("--prompts", type=Path, default=None, help="text file, one prompt per line (default: 3 built in)")
+    tu.add_argument("--max-memory", default=None,
+                    help="cap on the process's memory, e.g. 12GB or 900MiB (default: RAM available now)")
+    tu.add_argument("-n", "--tokens", type=int, default=32, help="tokens generated per prompt and run (default 32)")
+    tu.add_argument("--budgets", default=None,
+                    help="expert budgets in %% of all expert bytes (default 100,87.5,75,...,12.5; the largest "
+                         "budget under the cap is added)")
+    tu.add_argument("--confirm", default="3",
+                    help="settings confirmed by real runs (default 3); 'all' measures every eligible setting and "
+                         "checks the recommendation from the predicted top 3 against the best measured")
+    tu.add_argument("--repeats", type=int, default=1, help="runs per confirmed setting; the fastest counts")
+    tu.add_argument("--tolerance", type=float, default=5.0,
+                    help="%%: a smaller budget within this of the fastest setting is recommended (default 5)")
+    tu.add_argument("--threads", type=int, default=None,
+                    help="compute threads (default: try all cores and half of them, keep the faster)")
+    tu.add_argument("--ctx", type=int, default=512, help="context length the profile sets (default 512)")
+    tu.add_argument("-o", "--out", type=Path, default=None, help="output folder (default ./tune-MODEL_NAME)")
+    tu.add_argument("--all", action="store_true", help="list every setting in the table")
+    tu.set_defaults(func=commands.tune_cmd)
+    _predictor_parsers(sub)
     return p
+
+
+def _predictor_parsers(sub) -> None:
+    pr = sub.add_parser("predictor", help="train and measure the learned prefetch predictor",
+                        description="A small model that forecasts the next MoE layers' experts from the routing "
+                                    "so far, trained on routing traces and run with onnxruntime by the prefetcher.")
+    psub = pr.add_subparsers(dest="predictor_command", metavar="ACTION", required=True)
+    t = psub.add_parser("train", help="train on routing traces, export to ONNX",
+                        description="Fit the predictor on traces from `edgemoe trace` (edgemoe backend: they carry "
+                                    "the router look-ahead) and write an ONNX file that records the model's layer "
+                                    "and expert counts. Put it beside the model as MODEL.predictor.onnx to have "
+                                    "`--predictor learned` find it.")
+    t.add_argument("traces", type=Path, nargs="+", help="trace files (one model)")
+    t.add_argument("-o", "--output", type=Path, required=True, help="ONNX file to write")
+    t.add_argument("--epochs", type=int, default=40, help="at most this many epochs (early stopping; default 40)")
+    t.add_argument("--hidden", type=int, default=128, help="hidden width of the MLP (default 128)")
+    t.add_argument("--horizon", type=int, default=3, help="MoE layers ahead to predict (1-3, default 3)")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=commands.predictor_train_cmd)
+    b = psub.add_parser("bench", help="tokens/s and cache counters per predictor at one budget",
+                        description="Generate with prefetch off and with each predictor (interleaved runs), "
+                                    "check that all produce the same tokens, and report decode tokens/s and hits.")
+    b.add_argument("model", type=Path, nargs="?", default=None, help=".gguf file (default: the demo model)")
+    b.add_argument("--predictor", type=Path, default=None, metavar="FILE.onnx", help="the learned predictor")
+    b.add_argument("--prompts", type=Path, default=None,
+                   help="text file, one prompt per line (default: 8 prompts from the demo corpus's held-out split)")
+    b.add_argument("--budget", default="50%", help="expert budget: bytes or a share (default 50%%)")
+    b.add_argument("--policy", default="lru")
+    b.add_argument("-n", "--max-tokens", type=int, default=64, help="tokens per prompt (default 64)")
+    b.add_argument("--repeats", type=int, default=3, help="runs per predictor (default 3; the median is reported)")
+    b.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
+    b.set_defaults(func=commands.predictor_bench_cmd)
 
 
 def _engine_options(p: argparse.ArgumentParser) -> None:
@@ -96,11 +211,22 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch", action="store_true", help="prefetch the next layer's predicted experts")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
     p.add_argument("--ctx", type=int, default=512, help="context length in tokens (default 512)")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="settings from `edgemoe tune` (profile.yaml): model, budget, policy, prefetch, threads, "
+                        "ctx; options given here override it")
+    p.add_argument("--dual-low", default=None, metavar="TYPE",
+                   help="dual precision: keep a low-bit copy (q2_k, q3_k, q4_k, q4_0) of every expert resident, "
+                        "outside --budget, and serve cache misses from it while the full copy loads")
+    p.add_argument("--dual-load-above", type=float, default=1.0, metavar="GATE",
+                   help="with --dual-low: a miss whose gate weight is above GATE waits for the full copy "
+                        "(default 1.0: no miss waits)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "profile", None) is not None:
+            commands.apply_profile(args, sys.argv[1:] if argv is None else argv)
         return args.func(args) or 0
     except KeyboardInterrupt:
         print("\ninterrupted; no partial output was kept", file=sys.stderr)

@@ -16,7 +16,7 @@ import torch
 from edgemoe.arch import model_class
 from edgemoe.events import CacheStats, StepEvent
 from edgemoe.expert_cache import ExpertCache
-from edgemoe.expert_store import stock_experts
+from edgemoe.expert_store import find_experts
 from edgemoe.gguf_file import GGUFFile
 from edgemoe.memory import peak_rss_bytes
 from edgemoe.native.backend import CpuBackend
@@ -34,6 +34,16 @@ class EngineConfig:
     n_ctx: int = 512
     seed: int = 0
     future: tuple[Key, ...] | None = None  # demand accesses to come, for the belady policy
+    # dual precision (HOBBIT): a resident low-bit copy of every expert ("q2_k", "q3_k", ...), outside
+    # budget_bytes; a miss whose largest gate weight is <= dual_load_above is computed on it while
+    # the full-precision copy loads in the background (1.0: every miss; 0.0: none)
+    dual_low_type: str | None = None
+    dual_load_above: float = 1.0
+    # what the prefetcher predicts with (prefetch=True): "router" (next-layer router speculation,
+    # frequency prior for the next token), "prior", "none", or "learned": the ONNX file at
+    # predictor_path (None: embedded in the GGUF or beside the model, edgemoe.predictor.onnx_runtime)
+    predictor: str = "router"
+    predictor_path: str | None = None
 
 
 class Engine:
@@ -42,21 +52,35 @@ class Engine:
         self.file = GGUFFile(self.path)
         cls = model_class(self.file.arch)
         self.backend = CpuBackend(config.n_threads)
-        self.specs = stock_experts(self.file)
+        self.specs = find_experts(self.file)
         n_layers = int(self.file.arch_field("block_count"))
         budget = config.budget_bytes if config.budget_bytes is not None else sum(s.alloc_bytes for s in self.specs.values())
         policy = make_policy(config.policy, list(config.future) if config.future else None, config.seed)
-        self.cache = ExpertCache(self.path, self.specs, budget, policy, n_layers)
+        low = None
+        if config.dual_low_type:
+            from edgemoe.dual import LowCopies, parse_low_type
+            low = LowCopies(self.path, self.specs, parse_low_type(config.dual_low_type), self.backend.n_threads)
+        # a background full-precision load requested more than ~2 tokens' worth of accesses ago is dropped
+        stale = 2 * len({layer for layer, _ in self.specs}) * int(self.file.arch_field("expert_used_count", 1))
+        self.cache = ExpertCache(self.path, self.specs, budget, policy, n_layers, low, config.dual_load_above, stale)
         self.model = cls(self.file, self.backend, self.cache)
         self.tokenizer = Tokenizer(self.path)
         self.prefetcher = None
+        self.warnings: list[str] = []  # what the engine worked around (an unusable predictor file)
         if config.prefetch:
+            from edgemoe.predictor.select import engine_predictor
             from edgemoe.prefetch import Prefetcher
-            self.prefetcher = Prefetcher(self.model, self.cache)
+            predictor, self.warnings = engine_predictor(self, config.predictor, config.predictor_path)
+            self.prefetcher = Prefetcher(self.model, self.cache, predictor)
 
     @property
     def expert_bytes_total(self) -> int:
         return sum(s.alloc_bytes for s in self.specs.values())
+
+    @property
+    def low_bytes(self) -> int:
+        """Memory of the dual-precision low-bit copies (0 without them), outside the budget."""
+        return self.cache.low.nbytes if self.cache.low else 0
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         """Logits for every position of `tokens`, from a fresh KV cache: [T, V]."""

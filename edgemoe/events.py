@@ -19,6 +19,11 @@ class CacheStats:
     budget_bytes: int = 0
     resident_bytes_per_layer: tuple[int, ...] = ()
     resident_experts: tuple[tuple[int, int], ...] = ()  # (layer, expert) pairs resident after the step
+    # dual precision (EngineConfig.dual_low_type): misses served by an expert's resident low-bit copy
+    low_served: int = 0          # expert accesses computed on the low-bit copy (counted in misses too)
+    low_token_slots: int = 0     # token x chosen-expert pairs computed on a low-bit copy
+    token_slots: int = 0         # all token x chosen-expert pairs of the step
+    low_resident_bytes: int = 0  # the low-bit copies' memory, outside budget_bytes (0 without dual precision)
 
     @property
     def accesses(self) -> int:
@@ -27,6 +32,11 @@ class CacheStats:
     @property
     def hit_rate(self) -> float:
         return self.hits / self.accesses if self.accesses else 0.0
+
+    @property
+    def low_share(self) -> float:
+        """Share of token x expert pairs served at low precision."""
+        return self.low_token_slots / self.token_slots if self.token_slots else 0.0
 
 
 @dataclass(frozen=True)

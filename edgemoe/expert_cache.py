@@ -5,13 +5,22 @@ exceed `budget_bytes`. A demand miss evicts by policy until the expert fits; a p
 uses room it can make without touching pinned experts or other unused prefetches, and gives
 up otherwise. The bookkeeping is `Residency` (shared with the trace simulator); this class adds
 the locking and the reads.
+
+Dual precision (`low` copies, edgemoe/dual.py): `acquire_for` serves a miss from the expert's
+resident low-bit copy when its gate weight is at or below `load_above`, and a background thread
+loads the full-precision copy under the same budget; a miss above it waits for the load. The
+loader takes the newest request first and drops requests older than `stale_after` demand
+accesses: a load that finishes after its expert's moment only evicts something useful. The
+low copies are outside `budget_bytes` (reported as `low_resident_bytes`).
 """
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
 
+from edgemoe.dual import LowCopies
 from edgemoe.events import CacheStats
 from edgemoe.expert_store import ExpertSpec, ResidentExpert, read_expert
 from edgemoe.gguf_file import ModelFileError
@@ -21,8 +30,9 @@ from edgemoe.residency import BudgetError, Residency  # noqa: F401  (BudgetError
 
 class ExpertCache:
     def __init__(self, path: str | os.PathLike, specs: dict[Key, ExpertSpec], budget_bytes: int, policy: Policy,
-                 n_layers: int):
+                 n_layers: int, low: LowCopies | None = None, load_above: float = 1.0, stale_after: int = 64):
         self.specs, self.n_layers = specs, n_layers
+        self.low, self.load_above, self.stale_after = low, load_above, stale_after
         self.state = Residency({k: s.alloc_bytes for k, s in specs.items()}, budget_bytes, policy)
         self.path = os.fspath(path)
         self.fd = os.open(self.path, os.O_RDONLY)
@@ -30,6 +40,11 @@ class ExpertCache:
         self.cond = threading.Condition()
         self.experts: dict[Key, ResidentExpert] = {}
         self.loading: set[Key] = set()
+        self._loads: queue.Queue | None = None
+        if low is not None:
+            self._loads = queue.LifoQueue()  # (clock at request, key); None stops the loader
+            self._loader = threading.Thread(target=self._load_in_background, name="edgemoe-dual-load", daemon=True)
+            self._loader.start()
 
     @property
     def budget_bytes(self) -> int:
@@ -55,9 +70,37 @@ class ExpertCache:
     # ---- demand path --------------------------------------------------------------------
     def acquire(self, key: Key) -> ResidentExpert:
         """The resident expert for `key`, loading it on a miss; pinned until `release`."""
+        with self.cond:
+            self.state.touch(key)
+        return self._acquire_touched(key)
+
+    def acquire_for(self, key: Key, gate: float, n_slots: int) -> tuple[ResidentExpert, bool]:
+        """(expert, pinned) for `n_slots` token slots whose largest gate weight is `gate`. Without
+        low copies this is `acquire`. With them: a hit, or a miss above `load_above`, returns the
+        full-precision copy (pinned: `release` it); any other miss returns the low copy at once
+        (not pinned) and queues the full-precision load."""
         s = self.state
         with self.cond:
-            s.touch(key)
+            s.c.token_slots += n_slots
+            if self.low is None:
+                s.touch(key)
+            elif key in self.low.exact:  # the low copy is the file's bytes: a hit that never loads
+                s.c.hits += 1
+                return self.low.experts[key], False
+            else:
+                s.touch(key)
+                if key not in s.resident and gate <= self.load_above:
+                    s.c.misses += 1
+                    s.c.low_served += 1
+                    s.c.low_token_slots += n_slots
+                    if key not in self.loading:
+                        self._loads.put((s.clock, key))
+                    return self.low.experts[key], False
+        return self._acquire_touched(key), True
+
+    def _acquire_touched(self, key: Key) -> ResidentExpert:
+        s = self.state
+        with self.cond:
             if key in self.loading:  # a prefetch is bringing it in: wait for it
                 t0 = time.perf_counter()
                 while key in self.loading:
@@ -111,7 +154,7 @@ class ExpertCache:
         """Load `key` if it fits without evicting pinned or still-unused prefetched experts."""
         s = self.state
         with self.cond:
-            if key in s.resident or key in self.loading:
+            if key in s.resident or key in self.loading or (self.low is not None and key in self.low.exact):
                 return False
             room = s.make_room(s.sizes[key], exclude=set(s.unused_prefetch))
             self._drop_evicted()
@@ -127,6 +170,42 @@ class ExpertCache:
         with self.cond:
             self._insert(key, expert, prefetched=True)
         return True
+
+    def _load_in_background(self) -> None:
+        """Full-precision loads behind low-served misses: evict like a demand miss, but never wait."""
+        while True:
+            item = self._loads.get()
+            try:
+                if item is None:
+                    return
+                requested, key = item
+                if self.state.clock - requested <= self.stale_after:
+                    self._load_now(key)
+            finally:
+                self._loads.task_done()
+
+    def _load_now(self, key: Key) -> None:
+        s = self.state
+        with self.cond:
+            if key in s.resident or key in self.loading:
+                return
+            room = s.make_room(s.sizes[key])
+            self._drop_evicted()
+            if not room:
+                return  # everything else is pinned: the next miss tries again
+            s.begin_load(key)
+            self.loading.add(key)
+        try:
+            expert = self._read(key)
+        except (OSError, ModelFileError):
+            return  # a demand miss will meet the same error and report it
+        with self.cond:
+            self._insert(key, expert, prefetched=False)
+
+    def drain(self) -> None:
+        """Wait until queued background loads are done (tests, benchmarks)."""
+        if self._loads is not None:
+            self._loads.join()
 
     # ---- control ------------------------------------------------------------------------
     def set_budget(self, budget_bytes: int) -> None:
@@ -150,10 +229,17 @@ class ExpertCache:
             c = self.state.take_counters()
             return CacheStats(c.hits, c.misses, c.evictions, c.prefetch_issued, c.prefetch_hits, c.prefetch_wasted,
                               c.bytes_read, c.stall_s, self.state.resident_bytes, self.state.budget_bytes,
-                              tuple(per_layer), tuple(sorted(self.state.resident)))
+                              tuple(per_layer), tuple(sorted(self.state.resident)), c.low_served, c.low_token_slots,
+                              c.token_slots, self.low.nbytes if self.low else 0)
 
     def close(self) -> None:
+        if self._loads is not None:
+            self._loads.put(None)
+            self._loader.join(timeout=5)
+            self._loads = None
         with self.cond:
+            if self.low is not None:
+                self.low.close()
             for expert in self.experts.values():
                 expert.close()
             self.experts.clear()

@@ -57,25 +57,29 @@ class MoEBlock:
         chosen = ids.unique().tolist()
         assign = {e: torch.nonzero(ids == e, as_tuple=True) for e in chosen}  # e -> (tokens, slots)
         keys = [(self.layer, e) for e in chosen]
+        # largest gate weight per expert: dual precision loads the full copy of a miss above a threshold
+        gates = [float(weights[assign[e]].max()) for e in chosen]
         if sum(self.cache.specs[k].alloc_bytes for k in keys) <= self.cache.budget_bytes:
             # all fit at once: pin them all and run one graph (one thread-pool wake-up per layer)
-            experts = []
+            got = []  # (expert, pinned)
             try:
-                for k in keys:
-                    experts.append(self.cache.acquire(k))
+                for k, e, g in zip(keys, chosen, gates):
+                    got.append(self.cache.acquire_for(k, g, len(assign[e][0])))
                 ys = swiglu_ffns(self.backend, [(ex.weights["gate"], ex.weights["up"], ex.weights["down"],
-                                                 x[assign[e][0]]) for ex, e in zip(experts, chosen)], label="experts")
+                                                 x[assign[e][0]]) for (ex, _), e in zip(got, chosen)], label="experts")
             finally:
-                for k in keys[:len(experts)]:
-                    self.cache.release(k)
+                for k, (_, pinned) in zip(keys, got):
+                    if pinned:
+                        self.cache.release(k)
         else:  # a budget below the layer's working set: one expert resident at a time
             ys = []
-            for k, e in zip(keys, chosen):
-                expert = self.cache.acquire(k)
+            for k, e, g in zip(keys, chosen, gates):
+                expert, pinned = self.cache.acquire_for(k, g, len(assign[e][0]))
                 try:
                     ys.append(expert_ffn(self.backend, expert, x[assign[e][0]]))
                 finally:
-                    self.cache.release(k)
+                    if pinned:
+                        self.cache.release(k)
         for e, y in zip(chosen, ys):
             tok, slot = assign[e]
             out.index_add_(0, tok, y * weights[tok, slot, None])
@@ -93,8 +97,10 @@ class SharedExpertMoE:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, D]
-        routed = self.moe(x)
+        return self.moe(x) + self.shared_part(x)
+
+    def shared_part(self, x: torch.Tensor) -> torch.Tensor:
         shared = self.shared(x)
         if self.gate is not None:
             shared = shared * torch.sigmoid(x @ self.gate.T)  # [T, 1]
-        return routed + shared
+        return shared

@@ -1,75 +1,92 @@
-"""Prefetcher: a background thread that loads the experts the next MoE layer will probably use.
+"""Prefetcher: a background thread that loads the experts the next MoE layers will probably use.
 
-Prediction, while layer l's experts compute: layer l+1's router applied to layer l's MoE input
-(hidden states change little between adjacent layers), topped up with per-layer routing
-frequency priors. Loads go through `ExpertCache.prefetch`, which never exceeds the budget and
-never evicts pinned or not-yet-used prefetched experts. pread releases the GIL, so loads
-overlap with compute.
+When a layer has routed (its experts are about to run), the compute thread hands the layer's
+MoE input and chosen experts to the prefetch thread and goes on. The thread asks a pluggable
+predictor (`edgemoe.predictor`: none, next-layer router speculation, frequency prior, or a
+learned ONNX model) which experts come next and loads them through `ExpertCache.prefetch`, which
+never exceeds the budget and never evicts pinned or not-yet-used prefetched experts. Prediction
+(torch matmul, onnxruntime) and pread release the GIL, so they overlap with compute.
 """
 from __future__ import annotations
 
 import queue
 import threading
-from collections import Counter
-
-import torch
 
 from edgemoe.expert_cache import ExpertCache
 from edgemoe.moe import MoEBlock
+from edgemoe.policies import Key
+from edgemoe.predictor.base import Predictor, RouterPredictor, RoutingShape, RoutingState
+from edgemoe.predictor.lookahead import RouterLookahead
 
 
 class Prefetcher:
-    def __init__(self, model, cache: ExpertCache, extra_from_prior: int = 0):
-        self.cache = cache
+    def __init__(self, model, cache: ExpertCache, predictor: Predictor | None = None):
         self.blocks: list[MoEBlock] = list(model.moe_blocks)
-        self.next_block = {b.layer: nb for b, nb in zip(self.blocks, self.blocks[1:])}
-        self.first = self.blocks[0] if self.blocks else None
-        self.freq: dict[int, Counter] = {b.layer: Counter() for b in self.blocks}
-        self.extra_from_prior = extra_from_prior
+        self.cache = cache
+        self.predictor = predictor if predictor is not None else RouterPredictor(RoutingShape.of_blocks(self.blocks))
+        self.index = {b.layer: i for i, b in enumerate(self.blocks)}
+        shape = self.predictor.shape
+        self.lookahead = (RouterLookahead(self.blocks, shape.n_experts if shape else None)
+                          if self.predictor.needs_logits else None)
+        self.state = RoutingState(len(self.blocks))  # touched by the prefetch thread only
+        self._inputs: dict[int, object] = {}
         self.queue: queue.Queue = queue.Queue()
-        self.generation = 0
+        self.generation = 0  # forward passes begun (compute thread)
         self.predictions = 0
+        self.error: Exception | None = None  # what stopped the thread, if anything did
         self._stop = threading.Event()
         for b in self.blocks:
             b.observers.append(self.observe)
+            b.recorders.append(self.routed)
         self.thread = threading.Thread(target=self._run, name="edgemoe-prefetch", daemon=True)
         self.thread.start()
 
-    def predict(self, block: MoEBlock, x: torch.Tensor) -> list[int]:
-        """Experts `block` will likely route x's tokens to (router speculation + prior)."""
-        logits = x[-1:] @ block.router.T  # decode: the newest token decides
-        chosen = torch.topk(logits[0], block.cfg.top_k).indices.tolist()
-        prior = [e for e, _ in self.freq[block.layer].most_common() if e not in chosen]
-        return chosen + prior[: self.extra_from_prior]
+    def observe(self, layer: int, x) -> None:
+        if self.lookahead is not None:
+            self._inputs[layer] = x[-1].detach().clone()  # [D]: the newest token decides
 
-    def observe(self, layer: int, x: torch.Tensor) -> None:
-        block = self.next_block.get(layer)
-        if layer == self.blocks[-1].layer:  # last layer: next token starts at the first block
+    def routed(self, layer: int, ids) -> None:
+        if self._stop.is_set():
+            return  # closed, or stopped by a predictor error
+        index = self.index[layer]
+        if index == 0:
             self.generation += 1
-            block = self.first
-            targets = [e for e, _ in self.freq[block.layer].most_common(block.cfg.top_k)]
-        else:
-            targets = self.predict(block, x)
-        self._record(layer, x)
-        for e in targets:
-            self.predictions += 1
-            self.queue.put((self.generation, (block.layer, e)))
-
-    def _record(self, layer: int, x: torch.Tensor) -> None:
-        block = next(b for b in self.blocks if b.layer == layer)
-        ids = torch.topk(x[-1:] @ block.router.T, block.cfg.top_k).indices[0].tolist()
-        self.freq[layer].update(ids)
+        self.queue.put((self.generation, index, ids.tolist(), self._inputs.pop(layer, None)))
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                gen, key = self.queue.get(timeout=0.1)
+                item = self.queue.get(timeout=0.1)
             except queue.Empty:
                 continue
-            if gen < self.generation - 1:
-                continue  # stale: that token has moved on
+            try:
+                self._handle(*item)
+            except Exception as exc:  # a predictor failure must never stop generation: stop prefetching
+                self.error = exc
+                self._stop.set()
+
+    def _handle(self, gen: int, index: int, ids: list[list[int]], x_last) -> None:
+        for key in self.predict_keys(index, ids, x_last, stale=gen < self.generation - 1):
+            self.predictions += 1
             self.cache.prefetch(key)
+
+    def predict_keys(self, index: int, ids: list[list[int]], x_last, stale: bool = False) -> list[Key]:
+        """Feed MoE layer number `index`'s routing (ids [T, k], MoE input of the newest token
+        x_last [D]) and return the keys to load, nearest first. Calls must come in forward order;
+        a stale call (its token has moved on) only updates the routing state."""
+        logits = self.lookahead.rows(index, x_last).numpy() if x_last is not None and not stale else None
+        query = self.state.update(index, ids, logits)
+        self.predictor.observe(index, ids)
+        if stale:
+            return []
+        n = len(self.blocks)
+        # this token's later layers, then the next token's (its first layers after the last)
+        return [(self.blocks[(index + a) % n].layer, e) for a, e in self.predictor.predict(query) if index + a < 2 * n]
 
     def close(self) -> None:
         self._stop.set()
         self.thread.join(timeout=5)
+        for b in self.blocks:
+            for hooks, hook in ((b.observers, self.observe), (b.recorders, self.routed)):
+                if hook in hooks:
+                    hooks.remove(hook)

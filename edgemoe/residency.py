@@ -22,6 +22,9 @@ class Counters:
     prefetch_wasted: int = 0
     bytes_read: int = 0
     stall_s: float = 0.0
+    low_served: int = 0
+    low_token_slots: int = 0
+    token_slots: int = 0
 
 
 class Residency:

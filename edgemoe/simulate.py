@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgemoe.policies import POLICIES, make_policy
+from edgemoe.policies import POLICIES, Key, make_policy
 from edgemoe.residency import Residency
 from edgemoe.trace import Trace
 
@@ -15,8 +15,11 @@ class SimResult:
     budget_bytes: int
     hits: int
     misses: int
-    bytes_read: int
+    bytes_read: int                 # demand misses and prefetches
     tokens: int
+    prefetch_bytes: int = 0
+    prefetch_hits: int = 0
+    prefetch_used_bytes: int = 0    # bytes of prefetched experts a demand access then used
 
     @property
     def hit_rate(self) -> float:
@@ -27,14 +30,28 @@ class SimResult:
         return self.bytes_read / max(self.tokens, 1)
 
 
-def simulate(trace: Trace, budget_bytes: int, policy: str, seed: int = 0, decode_only: bool = True) -> SimResult:
-    """decode_only: prompt prefills (multi-token steps) are replayed but not counted."""
+def simulate(trace: Trace, budget_bytes: int, policy: str, seed: int = 0, decode_only: bool = True,
+             prefetch: list[dict[int, list[Key]]] | None = None) -> SimResult:
+    """decode_only: prompt prefills (multi-token steps) are replayed but not counted.
+
+    prefetch: per step, per layer, keys loaded as `ExpertCache.prefetch` would just before that
+    layer's demand accesses (aligned with trace.steps; `edgemoe.predictor.compare.schedule` builds
+    it). The engine's prefetch thread races its demand path, so with prefetch the replay
+    approximates the engine rather than reproducing it."""
     seq = trace.demand_sequence()
     state = Residency(trace.expert_bytes, budget_bytes, make_policy(policy, seq, seed))
-    counted_hits = counted_misses = counted_bytes = 0
-    for step in trace.steps:
-        hits = misses = nbytes = 0
+    counted = [0, 0, 0, 0, 0, 0]  # hits, misses, bytes read, prefetch bytes, prefetch hits, prefetch used bytes
+    for i, step in enumerate(trace.steps):
+        hits = misses = nbytes = pf_bytes = pf_used = 0
+        pf_hits0 = state.c.prefetch_hits
         for layer in sorted(step):
+            for key in prefetch[i].get(layer, ()) if prefetch else ():
+                # as ExpertCache.prefetch: skip resident keys, never evict pinned or unused prefetches
+                if key in state.resident or not state.make_room(state.sizes[key], exclude=set(state.unused_prefetch)):
+                    continue
+                state.begin_load(key)
+                state.finish_load(key, state.sizes[key], prefetched=True)
+                pf_bytes += state.sizes[key]
             keys = [(layer, e) for e in sorted({e for tok in step[layer] for e in tok})]
             # as MoEBlock: when a layer's experts fit the budget together they are pinned together
             together = sum(state.sizes[k] for k in keys) <= budget_bytes
@@ -42,6 +59,8 @@ def simulate(trace: Trace, budget_bytes: int, policy: str, seed: int = 0, decode
                 state.touch(key)
                 if key in state.resident:
                     hits += 1
+                    pf_used += state.sizes[key] if key in state.unused_prefetch else 0
+                    state.hit(key)
                 else:
                     misses += 1
                     state.make_room(state.sizes[key])
@@ -52,9 +71,11 @@ def simulate(trace: Trace, budget_bytes: int, policy: str, seed: int = 0, decode
                     state.pins[key] += 1
             state.pins.clear()
         if not decode_only or len(next(iter(step.values()), [])) == 1:
-            counted_hits, counted_misses, counted_bytes = counted_hits + hits, counted_misses + misses, counted_bytes + nbytes
+            for j, n in enumerate((hits, misses, nbytes + pf_bytes, pf_bytes, state.c.prefetch_hits - pf_hits0,
+                                  pf_used)):
+                counted[j] += n
     tokens = sum(n for n in trace.tokens_per_step() if n == 1 or not decode_only)
-    return SimResult(policy, budget_bytes, counted_hits, counted_misses, counted_bytes, tokens)
+    return SimResult(policy, budget_bytes, *counted[:3], tokens, *counted[3:])
 
 
 def sweep(trace: Trace, budgets: list[int], policies: tuple[str, ...] = POLICIES) -> list[SimResult]:

@@ -28,3 +28,15 @@ def tiny_checkpoint() -> Callable[..., Path]:
     from edgemoe.models.tiny import tiny_checkpoint as build
 
     return functools.cache(build)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch with one intra-op thread for the test: on shared, oversubscribed cores torch's pool
+    runs small matmuls up to ~10x slower than one thread does."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

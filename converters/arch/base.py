@@ -35,6 +35,8 @@ class PlannedTensor:
     raw_qtype: QT | None = None  # parts already yield bytes in this type (no quantization)
     layer: int | None = None
     expert_tensor: bool = False
+    qtype: QT | None = None  # quantize to this type instead of the requested one (rows that do not fit fall back)
+    imatrix: np.ndarray | None = None  # float32 [shape[-1]] column importance for ggml's quantizer
 
 
 @dataclass

@@ -1,0 +1,193 @@
+"""What the chat runs on: the edgemoe engine or stock llama.cpp, behind one small interface.
+
+Both turn prompt ids into a stream of `StepEvent`s (the engine's own event type); the chat never
+sees more of the engine than that stream and the two cache controls.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgemoe.events import CacheStats, StepEvent
+from edgemoe.gguf_file import GGUFFile
+from edgemoe.inspect_model import ModelSummary, summarize
+from edgemoe.memory import parse_bytes, peak_rss_bytes
+from edgemoe.tui.prompt import Sampling, Vocab
+
+LIVE_POLICIES = ("lru", "lfu", "hybrid", "random")  # belady needs a recorded future: not switchable live
+CLOSE_WAIT_S = 60.0  # how long closing waits for a token in flight (a big model's token can take seconds)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    summary: ModelSummary
+    backend: str
+    file_bytes: int
+    n_ctx: int
+    chat_template: bool
+
+    @property
+    def title(self) -> str:
+        s = self.summary
+        return s.name or Path(s.path).stem
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        """Layer numbers that have experts (routing tuples are indexed by these, in order)."""
+        return tuple(i for i, n in enumerate(self.summary.experts_per_layer) if n)
+
+    @property
+    def n_experts(self) -> int:
+        return max(self.summary.experts_per_layer, default=0)
+
+
+def read_info(path: Path, backend: str, n_ctx: int) -> tuple[ModelInfo, GGUFFile]:
+    model = GGUFFile(path)
+    info = ModelInfo(summarize(model), backend, model.size, n_ctx,
+                     bool(model.field("tokenizer.chat_template")))
+    return info, model
+
+
+def vocab_of(model: GGUFFile, encode) -> Vocab:
+    """Special-token texts and the chat template from the GGUF's tokenizer metadata."""
+    template = model.field("tokenizer.chat_template")
+    if not template:
+        return Vocab(encode)
+    tokens = model.field("tokenizer.ggml.tokens") or []
+
+    def text(key: str) -> str:
+        i = model.field(key)
+        return str(tokens[int(i)]) if i is not None and 0 <= int(i) < len(tokens) else ""
+
+    return Vocab(encode, text("tokenizer.ggml.bos_token_id"), text("tokenizer.ggml.eos_token_id"), str(template))
+
+
+def parse_budget(text: str, expert_bytes_total: int) -> int:
+    """'50%' (of all expert bytes), '8MiB', '2GB' or a plain byte count -> bytes."""
+    s = text.strip()
+    if s.endswith("%"):
+        try:
+            return int(expert_bytes_total * float(s[:-1]) / 100)
+        except ValueError:
+            raise ValueError(f"cannot read {text!r} as a share; write e.g. 50%") from None
+    return parse_bytes(s)
+
+
+class _OneStream:
+    """One stream at a time; `close` waits for the stream in flight (never free the model under a
+    running forward pass) and then calls `_release`."""
+
+    def __init__(self):
+        self._busy = threading.Lock()
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self._busy.acquire(timeout=CLOSE_WAIT_S):
+            try:
+                self._release()
+            finally:
+                self._busy.release()
+
+
+class EngineChat(_OneStream):
+    """The edgemoe engine: budgeted expert cache, live budget and policy changes."""
+    name = "edgemoe"
+    controls_cache = True
+
+    def __init__(self, engine):
+        super().__init__()
+        self.engine = engine
+        self.warnings = list(getattr(engine, "warnings", ()))  # what the engine worked around at start
+        self.info, model = read_info(engine.path, self.name, engine.config.n_ctx)
+        self.vocab = vocab_of(model, lambda text, add_bos, special: engine.tokenizer.encode(text, add_bos, special))
+        self.policy, self.prefetch = engine.config.policy, engine.config.prefetch
+        self.expert_bytes_total = engine.expert_bytes_total
+        self.seed = engine.config.seed
+
+    def stream(self, ids: list[int], sampling: Sampling) -> Iterator[StepEvent]:
+        with self._busy:
+            yield from self.engine.stream_generate(ids, sampling.max_tokens, sampling.temperature, sampling.top_p)
+
+    def set_budget(self, budget_bytes: int) -> CacheStats:
+        self.engine.cache.set_budget(budget_bytes)
+        return self.engine.residency()
+
+    def set_policy(self, name: str) -> None:
+        from edgemoe.policies import make_policy
+
+        if name not in LIVE_POLICIES:
+            raise ValueError(f"policy {name!r} cannot be switched to live; choose one of {', '.join(LIVE_POLICIES)}")
+        self.engine.cache.set_policy(make_policy(name, seed=self.seed))
+        self.policy = name
+
+    def residency(self) -> CacheStats:
+        return self.engine.residency()
+
+    def _release(self) -> None:
+        self.engine.close()
+
+
+class LlamaChat(_OneStream):
+    """Stock llama.cpp: every expert stays mapped, so there is no budget or policy to change;
+    routing (which experts each token chose) comes from llama.cpp's graph through RoutingTap."""
+    name = "llama"
+    controls_cache = False
+    policy, prefetch = "-", False
+
+    warnings: list[str] = []
+
+    def __init__(self, path: Path, n_ctx: int = 512, seed: int = 0, n_threads: int | None = None):
+        from edgemoe.llama_backend import RoutingTap, open_llama
+
+        super().__init__()
+        self.info, model = read_info(path, self.name, n_ctx)
+        self.tap = RoutingTap(int(model.arch_field("expert_used_count", 1)), int(model.arch_field("expert_count", 1)))
+        self.llm = open_llama(path, n_ctx=n_ctx, seed=seed, routing=self.tap, n_threads=n_threads)
+        self.vocab = vocab_of(model, lambda text, add_bos, special: self.llm.tokenize(
+            text.encode("utf-8"), add_bos=add_bos, special=special))
+        self.expert_bytes_total = self.info.summary.expert_bytes
+
+    def stream(self, ids: list[int], sampling: Sampling) -> Iterator[StepEvent]:
+        # create_completion, not llama_backend.stream_generate: it takes token ids (chat-template
+        # markers stay special tokens), applies top-p, and reuses the KV prefix across turns
+        with self._busy:
+            chunks = self.llm.create_completion(
+                ids, max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+                top_k=0, min_p=0.0, repeat_penalty=1.0, stream=True)
+            start, first = time.perf_counter(), None
+            for i, chunk in enumerate(chunks):
+                now = time.perf_counter()
+                first = first if first is not None else now
+                choice = chunk["choices"][0]
+                chosen = self.tap.take_last()
+                self.tap.steps.clear()  # keep only the latest step: a long chat must not grow this
+                routing = tuple(tuple(chosen[k][-1]) if chosen.get(k) else () for k in sorted(chosen))
+                tps = i / (now - first) if i > 0 and now > first else 0.0
+                yield StepEvent(i, -1, choice["text"], now - start, tps, peak_rss_bytes=peak_rss_bytes(),
+                                routing=routing, finished=choice["finish_reason"] is not None)
+
+    def set_budget(self, budget_bytes: int) -> CacheStats:
+        raise ValueError("the llama backend keeps every expert mapped; budgets need --backend edgemoe")
+
+    def set_policy(self, name: str) -> None:
+        raise ValueError("the llama backend has no expert cache; policies need --backend edgemoe")
+
+    def residency(self) -> None:
+        return None
+
+    def _release(self) -> None:
+        self.llm.close()
+
+
+def open_backend(path: Path, backend: str, config) -> EngineChat | LlamaChat:
+    """`config`: an EngineConfig (the llama backend uses its n_ctx, seed and n_threads)."""
+    if backend == "llama":
+        return LlamaChat(path, config.n_ctx, config.seed, config.n_threads)
+    from edgemoe.engine import Engine
+
+    return EngineChat(Engine(path, config))
