@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--confirm", default="3",
                     help="settings confirmed by real runs (default 3); 'all' measures every eligible setting and "
                          "checks the recommendation from the predicted top 3 against the best measured")
-    tu.add_argument("--repeats", type=int, default=1, help="runs per confirmed setting; the fastest counts")
+    tu.add_argument("--repeats", type=int, default=2,
+                    help="runs per measured setting, interleaved with the others; the fastest counts (default 2)")
     tu.add_argument("--tolerance", type=float, default=5.0,
                     help="%%: a smaller budget within this of the fastest setting is recommended (default 5)")
     tu.add_argument("--threads", type=int, default=None,
@@ -216,10 +217,12 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
                         "ctx; options given here override it")
     p.add_argument("--dual-low", default=None, metavar="TYPE",
                    help="dual precision: keep a low-bit copy (q2_k, q3_k, q4_k, q4_0) of every expert resident, "
-                        "outside --budget, and serve cache misses from it while the full copy loads")
-    p.add_argument("--dual-load-above", type=float, default=1.0, metavar="GATE",
-                   help="with --dual-low: a miss whose gate weight is above GATE waits for the full copy "
-                        "(default 1.0: no miss waits)")
+                        "outside --budget, and serve low-gate cache misses from it")
+    p.add_argument("--dual-load-above", type=float, default=0.5, metavar="GATE",
+                   help="with --dual-low: a miss whose gate weight is above GATE loads the full copy and waits; "
+                        "others run on the low copy (default 0.5; 1.0: every miss low)")
+    p.add_argument("--dual-background-load", action="store_true",
+                   help="with --dual-low: also load the full copy of a low-served miss in the background")
 
 
 def main(argv: list[str] | None = None) -> int:

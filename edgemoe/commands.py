@@ -113,7 +113,8 @@ def engine_config(args: argparse.Namespace, model_path) -> "EngineConfig":
     return EngineConfig(budget_bytes=budget, policy=args.policy, prefetch=args.prefetch or predictor is not None,
                         n_threads=args.threads, n_ctx=args.ctx, seed=getattr(args, "seed", 0), future=future,
                         dual_low_type=getattr(args, "dual_low", None),
-                        dual_load_above=getattr(args, "dual_load_above", 1.0),
+                        dual_load_above=getattr(args, "dual_load_above", 0.5),
+                        dual_background_load=getattr(args, "dual_background_load", False),
                         predictor=predictor or "router", predictor_path=predictor_path)
 
 
@@ -431,7 +432,8 @@ def apply_profile(args: argparse.Namespace, argv: list[str]) -> None:
         args.model = Path(profile.model)
     else:
         profile.check_model(args.model, f"profile {args.profile}")
-    given = {dest for dest, flag in _PROFILE_OPTIONS.items() if any(a == flag or a.startswith(flag + "=") for a in argv)}
+    given = {dest for dest, flag in _PROFILE_OPTIONS.items()
+             if any(a == flag or a.startswith(flag + "=") for a in argv)}
     values = {"budget": str(profile.budget_bytes), "policy": profile.policy, "prefetch": profile.prefetch,
               "threads": profile.threads, "ctx": profile.ctx}
     for dest, value in values.items():

@@ -35,10 +35,13 @@ class EngineConfig:
     seed: int = 0
     future: tuple[Key, ...] | None = None  # demand accesses to come, for the belady policy
     # dual precision (HOBBIT): a resident low-bit copy of every expert ("q2_k", "q3_k", ...), outside
-    # budget_bytes; a miss whose largest gate weight is <= dual_load_above is computed on it while
-    # the full-precision copy loads in the background (1.0: every miss; 0.0: none)
+    # budget_bytes. A miss whose largest gate weight is above dual_load_above loads the full copy
+    # (and waits); any other miss is computed on the low copy (1.0: every miss; 0.0: none), and with
+    # dual_background_load its full copy also loads behind. Defaults measured best on the demo and
+    # the Mixtral-shaped slice (docs/BENCHMARKS.md); 0.5 suits top-2 routing.
     dual_low_type: str | None = None
-    dual_load_above: float = 1.0
+    dual_load_above: float = 0.5
+    dual_background_load: bool = False
     # what the prefetcher predicts with (prefetch=True): "router" (next-layer router speculation,
     # frequency prior for the next token), "prior", "none", or "learned": the ONNX file at
     # predictor_path (None: embedded in the GGUF or beside the model, edgemoe.predictor.onnx_runtime)
@@ -62,7 +65,8 @@ class Engine:
             low = LowCopies(self.path, self.specs, parse_low_type(config.dual_low_type), self.backend.n_threads)
         # a background full-precision load requested more than ~2 tokens' worth of accesses ago is dropped
         stale = 2 * len({layer for layer, _ in self.specs}) * int(self.file.arch_field("expert_used_count", 1))
-        self.cache = ExpertCache(self.path, self.specs, budget, policy, n_layers, low, config.dual_load_above, stale)
+        self.cache = ExpertCache(self.path, self.specs, budget, policy, n_layers, low, config.dual_load_above, stale,
+                                 config.dual_background_load)
         self.model = cls(self.file, self.backend, self.cache)
         self.tokenizer = Tokenizer(self.path)
         self.prefetcher = None

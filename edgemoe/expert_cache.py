@@ -7,10 +7,13 @@ up otherwise. The bookkeeping is `Residency` (shared with the trace simulator); 
 the locking and the reads.
 
 Dual precision (`low` copies, edgemoe/dual.py): `acquire_for` serves a miss from the expert's
-resident low-bit copy when its gate weight is at or below `load_above`, and a background thread
-loads the full-precision copy under the same budget; a miss above it waits for the load. The
+resident low-bit copy when its gate weight is at or below `load_above`; a miss above it loads the
+full copy and waits. With `background_load` a thread also loads the full copy of a low-served
+miss under the same budget. The
 loader takes the newest request first and drops requests older than `stale_after` demand
-accesses: a load that finishes after its expert's moment only evicts something useful. The
+accesses: a load that finishes after its expert's moment only evicts something useful. Without
+`background_load` (the default) a low-served miss loads nothing: the low copy serves instead of
+the full one, and only misses above `load_above` (and prefetches) bring full copies in. The
 low copies are outside `budget_bytes` (reported as `low_resident_bytes`).
 """
 from __future__ import annotations
@@ -30,9 +33,11 @@ from edgemoe.residency import BudgetError, Residency  # noqa: F401  (BudgetError
 
 class ExpertCache:
     def __init__(self, path: str | os.PathLike, specs: dict[Key, ExpertSpec], budget_bytes: int, policy: Policy,
-                 n_layers: int, low: LowCopies | None = None, load_above: float = 1.0, stale_after: int = 64):
+                 n_layers: int, low: LowCopies | None = None, load_above: float = 0.5, stale_after: int = 64,
+                 background_load: bool = False):
         self.specs, self.n_layers = specs, n_layers
         self.low, self.load_above, self.stale_after = low, load_above, stale_after
+        self.background_load = background_load  # False: a low-served miss loads nothing (low "instead of" full)
         self.state = Residency({k: s.alloc_bytes for k, s in specs.items()}, budget_bytes, policy)
         self.path = os.fspath(path)
         self.fd = os.open(self.path, os.O_RDONLY)
@@ -93,7 +98,7 @@ class ExpertCache:
                     s.c.misses += 1
                     s.c.low_served += 1
                     s.c.low_token_slots += n_slots
-                    if key not in self.loading:
+                    if self.background_load and key not in self.loading:
                         self._loads.put((s.clock, key))
                     return self.low.experts[key], False
         return self._acquire_touched(key), True

@@ -1,15 +1,15 @@
-"""Mixed precision vs uniform quantisation at equal expert bytes, on the demo model (the table in
-docs/BENCHMARKS.md), and dual precision at small budgets.
+"""Mixed precision vs uniform quantisation at equal expert bytes on the demo model, and dual
+precision at small budgets (the tables in docs/BENCHMARKS.md).
 
-    python -m edgemoe.mixed_bench [--windows N] [--dual]
+    python -m edgemoe.mixed_bench [--windows N] [--dual] [--slice] [--threads 1]
 
 Quality: the demo checkpoint calibrated on 8192 tokens of the train split (imatrix "never", the
-default, and once more with "auto"), then every variant written in the extended layout with dense tensors
-in q8_0: uniform q2_k / q3_k / q4_k (imatrix never / always / auto) and mixed at each uniform
-file's expert bytes (imatrix never / auto) and in between (never); each evaluated against the f32
-conversion on the held-out split (edgemoe.quality). Dual precision:
-the demo q8_0 file at 50% and 25% budgets, teacher-forced decoding of held-out text, with and
-without resident q2_k copies.
+default, and once more with "auto"), then every variant written in the extended layout with
+dense tensors in q8_0: uniform q2_k / q3_k / q4_k (imatrix never / always / auto) and mixed at
+each uniform file's expert bytes (imatrix never / auto) and in between (never); each evaluated
+against the f32 conversion on the held-out split (edgemoe.quality). Dual precision: the demo
+q8_0 file (and with --slice the Mixtral-shaped slice) at 50% / 25% budgets, teacher-forced
+decoding of held-out text, without low copies and in each dual mode.
 """
 from __future__ import annotations
 
@@ -78,11 +78,17 @@ def quality_rows(out_dir: Path, max_windows: int | None, n_threads: int) -> list
     return rows
 
 
+# (label, (dual_load_above, background loads)); one engine with low copies serves every dual mode
+DUAL_MODES = (("q2_k: every miss low, full copy loads behind", (1.0, True)),
+              ("q2_k: miss with gate > 0.5 loads, others low only", (0.5, False)),
+              ("q2_k: every miss low, nothing loads", (1.0, False)))
+
+
 def dual_rows(path: Path, n_threads: int, n_tokens: int = 128, shares=(0.5, 0.25)) -> list[dict]:
     """Teacher-forced decoding of held-out text (one token per forward pass): tokens/s, hits,
-    share of token x expert slots served low, KL vs the full budget, with and without q2_k copies."""
+    share of token x expert slots served low, KL vs the full budget, without and with q2_k copies."""
     from edgemoe.engine import Engine, EngineConfig
-    from edgemoe.quality import heldout_windows, kl_divergence, teacher_forced_logits
+    from edgemoe.quality import heldout_windows, teacher_forced_logits
 
     full = Engine(path, EngineConfig(n_threads=n_threads))
     tokens = heldout_windows(full.tokenizer, window=n_tokens, max_windows=1)[0]
@@ -91,23 +97,37 @@ def dual_rows(path: Path, n_threads: int, n_tokens: int = 128, shares=(0.5, 0.25
     full.close()
     rows = []
     for share in shares:
-        for dual in (None, "q2_k"):
-            engine = Engine(path, EngineConfig(budget_bytes=int(total * share), n_threads=n_threads,
-                                               dual_low_type=dual))
-            t0 = time.perf_counter()
-            logits, stats = teacher_forced_logits(engine, tokens)
-            seconds = time.perf_counter() - t0
-            accesses = sum(s.accesses for s in stats)
-            rows.append(dict(share=share, dual=dual or "off", tps=len(tokens) / seconds,
-                             hit=sum(s.hits for s in stats) / max(accesses, 1),
-                             low=sum(s.low_token_slots for s in stats) / max(sum(s.token_slots for s in stats), 1),
-                             stall_ms=1e3 * sum(s.stall_s for s in stats) / len(tokens),
-                             mib_read=sum(s.bytes_read for s in stats) / len(tokens) / 2**20,
-                             kl=float(kl_divergence(logits, ref).mean()),
-                             low_mib=engine.low_bytes / 2**20, budget_mib=total * share / 2**20,
-                             build_s=engine.cache.low.build_s if engine.cache.low else 0.0))
-            engine.close()
+        budget = int(total * share)
+        plain = Engine(path, EngineConfig(budget_bytes=budget, n_threads=n_threads))
+        rows.append(_dual_row(plain, tokens, ref, share, "off"))
+        plain.close()
+        dual = Engine(path, EngineConfig(budget_bytes=budget, n_threads=n_threads, dual_low_type="q2_k"))
+        for label, (load_above, background) in DUAL_MODES:
+            cache = dual.cache
+            cache.set_budget(cache.state.largest_bytes)  # start each mode from an almost empty cache
+            cache.set_budget(budget)
+            cache.load_above, cache.background_load = load_above, background
+            rows.append(_dual_row(dual, tokens, ref, share, label))
+            cache.drain()
+        dual.close()
     return rows
+
+
+def _dual_row(engine, tokens: list[int], ref, share: float, label: str) -> dict:
+    from edgemoe.quality import kl_divergence, teacher_forced_logits
+
+    t0 = time.perf_counter()
+    logits, stats = teacher_forced_logits(engine, tokens)
+    seconds = time.perf_counter() - t0
+    accesses = sum(s.accesses for s in stats)
+    low = engine.cache.low
+    return dict(share=share, dual=label, tps=len(tokens) / seconds,
+                hit=sum(s.hits for s in stats) / max(accesses, 1),
+                low=sum(s.low_token_slots for s in stats) / max(sum(s.token_slots for s in stats), 1),
+                stall_ms=1e3 * sum(s.stall_s for s in stats) / len(tokens),
+                mib_read=sum(s.bytes_read for s in stats) / len(tokens) / 2**20,
+                kl=float(kl_divergence(logits, ref).mean()), low_mib=engine.low_bytes / 2**20,
+                budget_mib=engine.cache.budget_bytes / 2**20, build_s=low.build_s if low else 0.0)
 
 
 def print_dual(rows: list[dict]) -> None:

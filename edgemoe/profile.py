@@ -67,10 +67,30 @@ def save_profile(profile: Profile, path: str | os.PathLike) -> Path:
 
 def load_profile(path: str | os.PathLike) -> Profile:
     path = Path(path)
+    data = _read_fields(path)
+
+    def bad(name: str, want: str) -> ProfileError:
+        return ProfileError(f"profile {path}: field {name!r} must be {want}, got {data[name]!r}")
+
+    budget = _engine_fields(data, bad)
+    if isinstance(data.get("created_at"), datetime.date):  # YAML reads an unquoted timestamp as a date
+        data["created_at"] = data["created_at"].isoformat()
+    kinds = {int: "an integer", bool: "true or false", str: "text", dict: "a mapping"}
+    for name, kind in (("model_bytes", int), ("max_memory_bytes", int), ("budget_share", (int, float)),
+                       ("confirmed", bool), ("created_by", str), ("created_at", str), ("measured", dict),
+                       ("predicted", dict), ("machine", dict)):
+        if data.get(name) is not None and not isinstance(data[name], kind):
+            raise bad(name, kinds.get(kind, "a number"))
+    fields = {k: v for k, v in data.items() if k != "format" and (v is not None or k in REQUIRED)}
+    return Profile(**{**fields, "budget_bytes": budget})
+
+
+def _read_fields(path: Path) -> dict:
+    """The YAML mapping, with known field names only and every required one present."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ProfileError(f"profile {path} does not exist; write one with `edgemoe tune MODEL.gguf -o {path}`") \
+        raise ProfileError(f"profile {path} does not exist; write one with `edgemoe tune MODEL.gguf -o FOLDER`") \
             from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ProfileError(f"profile {path} is not valid YAML: {exc}") from None
@@ -86,10 +106,11 @@ def load_profile(path: str | os.PathLike) -> Profile:
     missing = [k for k in REQUIRED if k not in data]
     if missing:
         raise ProfileError(f"profile {path}: missing field {missing[0]!r}")
+    return data
 
-    def bad(name: str, want: str):
-        return ProfileError(f"profile {path}: field {name!r} must be {want}, got {data[name]!r}")
 
+def _engine_fields(data: dict, bad) -> int:
+    """Check the fields `--profile` applies; returns budget_bytes (a byte string is accepted)."""
     if not isinstance(data["model"], str) or not data["model"]:
         raise bad("model", "the path of a .gguf file")
     try:
@@ -108,12 +129,4 @@ def load_profile(path: str | os.PathLike) -> Profile:
         raise bad("threads", "a thread count >= 1 (or null for all cores)")
     if isinstance(data["ctx"], bool) or not isinstance(data["ctx"], int) or data["ctx"] < 1:
         raise bad("ctx", "a context length in tokens >= 1")
-    if isinstance(data.get("created_at"), datetime.date):  # YAML reads an unquoted timestamp as a date
-        data["created_at"] = data["created_at"].isoformat()
-    for name, kind in (("model_bytes", int), ("max_memory_bytes", int), ("budget_share", (int, float)),
-                       ("confirmed", bool), ("created_by", str), ("created_at", str), ("measured", dict),
-                       ("predicted", dict), ("machine", dict)):
-        if data.get(name) is not None and not isinstance(data[name], kind):
-            raise bad(name, {int: "an integer", bool: "true or false", str: "text", dict: "a mapping"}.get(kind, "a number"))
-    fields = {k: v for k, v in data.items() if k != "format" and (v is not None or k in REQUIRED)}
-    return Profile(**{**fields, "budget_bytes": budget})
+    return budget

@@ -49,7 +49,7 @@ class TuneOptions:
     shares: tuple[float, ...] = DEFAULT_SHARES
     policies: tuple[str, ...] = SELECTABLE_POLICIES
     confirm: int = 3                   # settings confirmed by real runs; < 0: every eligible one
-    repeats: int = 1                   # runs per confirmed setting (best counts)
+    repeats: int = 2                   # runs per measured setting, interleaved; the fastest counts
     tolerance: float = 0.05            # a smaller budget within this of the fastest is preferred
     top_n: int = 3                     # with confirm < 0: the predicted top-n the validation checks
     threads: int | None = None
@@ -163,11 +163,13 @@ def _sweep(res: TuneResult, budgets: list[int], eligible: list[int], progress) -
     progress.stage("simulating", len(budgets) * (2 * len(opts.policies) + 1))
     for b in budgets:
         excluded = res.excluded_budgets.get(b, "")
+        demand_only = {}
         for prefetch in (False, True):
             for p in opts.policies:
                 sim = simulate(trace, b, p, prefetch=predictions if prefetch else None)
+                demand_only.setdefault(p, sim)
                 res.rows.append(Row(Setting(b, p, prefetch), b / total, sim, res.memory.need_bytes(b),
-                                    excluded=excluded))
+                                    demand_only[p] if prefetch else None, excluded=excluded))
                 progress.advance()
         res.bounds.append(Row(Setting(b, "belady", False), b / total, simulate(trace, b, "belady"),
                               res.memory.need_bytes(b), excluded="offline bound: needs the future accesses"))
@@ -175,14 +177,21 @@ def _sweep(res: TuneResult, budgets: list[int], eligible: list[int], progress) -
 
     _calibrate(res, top, eligible, progress)
     for row in res.rows + res.bounds:
-        row.predicted_tps = res.cost.tokens_per_s(row.sim, row.need_bytes)
+        row.predicted_tps = res.cost.tokens_per_s(row.sim, row.need_bytes, row.demand_only)
 
     chosen = to_confirm(res.rows, opts.confirm, opts.tolerance)
     progress.stage("confirming with real runs", sum(max(opts.repeats - len(r.runs), 0) for r in chosen))
-    for row in chosen:
-        for _ in range(opts.repeats - len(row.runs)):
-            _measure(res, row)
-            progress.advance()
+    _measure_rounds(res, chosen, opts.repeats, progress)
+
+
+def _measure_rounds(res: TuneResult, rows: list[Row], repeats: int, progress) -> None:
+    """Until each row has `repeats` runs, one run per row per round: a burst of load elsewhere on
+    the machine then costs one run of several settings, not every run of one."""
+    for _ in range(repeats):
+        for row in rows:
+            if len(row.runs) < repeats:
+                _measure(res, row)
+                progress.advance()
 
 
 def prefetch_schedule(trace: Trace, predictor: str | None = None) -> list:
@@ -199,34 +208,37 @@ def prefetch_schedule(trace: Trace, predictor: str | None = None) -> list:
 def _calibrate(res: TuneResult, top: Setting, eligible: list[int], progress) -> None:
     """Base time per token at the largest eligible budget for each candidate thread count (the
     fastest is kept), then lru without and with prefetch at the middle budget below it: the read
-    cost per byte and the prefetch factor."""
-    m, total = res.machine, res.expert_bytes_total
+    cost per byte, then the prefetch effect and factor. Each from the fastest of `repeats` runs."""
+    m, total, repeats = res.machine, res.expert_bytes_total, res.options.repeats
     counts = [res.options.threads] if res.options.threads else sorted({m.cores, max(m.cores // 2, 1)}, reverse=True)
     partial = [b for b in eligible if b < top.budget_bytes]
     mid = partial[len(partial) // 2] if partial else None
-    progress.stage("calibrating the cost model", len(counts) + (2 if mid else 0))
-    base_row = _row(res, top)
-    for n in counts:
-        res.thread_runs[n] = _run(res, top, n)
-        progress.advance()
+    progress.stage("calibrating the cost model", repeats * (len(counts) + (2 if mid else 0)))
+    by_threads: dict[int, list[RunResult]] = {n: [] for n in counts}
+    for _ in range(repeats):
+        for n in counts:
+            by_threads[n].append(_run(res, top, n))
+            progress.advance()
+    res.thread_runs = {n: max(runs, key=lambda r: r.tokens_per_s) for n, runs in by_threads.items()}
     res.threads = max(counts, key=lambda n: res.thread_runs[n].tokens_per_s)
-    _record_run(res, base_row, res.thread_runs[res.threads])
+    base_row = _row(res, top)
+    for run in by_threads[res.threads]:
+        _record_run(res, base_row, run)
     res.calibration_rows.append(base_row)
-    other = pf_row = factor = None
+    other = pf_row = None
     if mid is not None:
         other, pf_row = _row(res, Setting(mid, "lru", False)), _row(res, Setting(mid, "lru", True))
         res.calibration_rows += [other, pf_row]
-        _measure(res, other)
-        progress.advance()
-    res.cost = calibrate(base_row.runs[0], base_row.need_bytes, m.read_warm_bps, m.read_cold_bps,
-                         m.ram_available_bytes, total, other.runs[0] if other else None)
+        _measure_rounds(res, [other, pf_row], repeats, progress)
+    res.cost = calibrate(base_row.best_run, base_row.need_bytes, m.read_warm_bps, m.read_cold_bps,
+                         m.ram_available_bytes, total, other.best_run if other else None)
     if pf_row is not None:
-        _measure(res, pf_row)
-        progress.advance()
-        factor = calibrate_prefetch(res.cost, pf_row.runs[0], total / len(res.facts.expert_bytes), pf_row.need_bytes)
-        res.cost = replace(res.cost, prefetch_factor=factor) if factor is not None else res.cost
-    if factor is None:
-        res.notes.append("prefetch factor not measured (no eligible budget where prefetches read); assumed 1.0")
+        fitted = calibrate_prefetch(res.cost, pf_row.best_run, pf_row.sim, pf_row.demand_only,
+                                    total / len(res.facts.expert_bytes), pf_row.need_bytes)
+        if fitted is not res.cost:
+            res.cost = fitted
+            return
+    res.notes.append("prefetch not calibrated (no eligible budget where prefetches read): factor and effect 1.0")
 
 
 def _row(res: TuneResult, setting: Setting) -> Row:

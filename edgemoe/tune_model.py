@@ -7,10 +7,11 @@ count inside the budget, so prefetch adds nothing.
 
 Time per decode token = base + demand bytes x read cost + prefetch factor x prefetch bytes x read
 cost. base (dense + expert compute + glue) is measured by a run whose bytes read are subtracted;
-the read cost comes from the probe's read speeds, mixing page-cache and disk reads by how much
-of the expert bytes the page cache can hold next to the process; the prefetch factor (how much
-of a prefetched byte's read time a token still pays: 0 = hidden, 1 = serial, >1 = contention)
-from a prefetch run.
+the read cost is the slope between two runs that read different amounts (else the probe's read
+speed), mixing page-cache and disk reads by how much of the expert bytes the page cache can hold
+next to the process. A prefetch run gives the prefetch effect (the share of the replay's extra
+hits the engine delivers) and factor (how much of a prefetched byte's read time a token still
+pays: 0 = hidden, 1 = serial, >1 = contention).
 """
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ class CostModel:
     ram_available_bytes: int
     expert_bytes_total: int
     prefetch_factor: float = 1.0
+    prefetch_effect: float = 1.0  # share of the replay's prefetch hits the engine's racing thread delivers
     read_source: str = "probe"    # "engine runs": fitted on two measured runs; "probe": the read probe
 
     def read_s_per_byte(self, need_bytes: int) -> float:
@@ -77,9 +79,14 @@ class CostModel:
         c = self.read_s_per_byte(need_bytes)
         return self.base_s + c * demand_bytes + self.prefetch_factor * c * prefetch_bytes
 
-    def tokens_per_s(self, sim: SimResult, need_bytes: int) -> float:
-        pf = sim.prefetch_bytes / max(sim.tokens, 1)
-        return 1.0 / self.token_s(sim.bytes_per_token - pf, pf, need_bytes)
+    def tokens_per_s(self, sim: SimResult, need_bytes: int, demand_only: SimResult | None = None) -> float:
+        """demand_only: the same setting replayed without prefetch; the demand bytes prefetching
+        saves then count at `prefetch_effect`."""
+        n = max(sim.tokens, 1)
+        pf, demand = sim.prefetch_bytes / n, (sim.bytes_read - sim.prefetch_bytes) / n
+        if demand_only is not None:
+            demand = demand_only.bytes_per_token - self.prefetch_effect * (demand_only.bytes_per_token - demand)
+        return 1.0 / self.token_s(demand, pf, need_bytes)
 
 
 def calibrate(base: RunResult, base_need: int, warm_bps: float, cold_bps: float, ram_available: int,
@@ -107,16 +114,21 @@ def calibrate(base: RunResult, base_need: int, warm_bps: float, cold_bps: float,
     return replace(model, base_s=max(base_s, 0.0))
 
 
-def calibrate_prefetch(model: CostModel, run: RunResult, expert_bytes_mean: float, need_bytes: int) -> float | None:
-    """The prefetch factor that makes the model reproduce a measured prefetch run (clamped to
-    [0, 4]); None when the run read too little by prefetch to tell."""
+def calibrate_prefetch(model: CostModel, run: RunResult, sim: SimResult, demand_only: SimResult,
+                       expert_bytes_mean: float, need_bytes: int) -> CostModel:
+    """Fit a measured prefetch run (sim, demand_only: its setting replayed with and without
+    prefetch): the prefetch effect from its hit rate (clamped to [0, 1]), then the prefetch factor
+    from its time with its own measured demand bytes (clamped to [0, 4]). Unchanged when the run
+    read too little by prefetch to tell."""
+    gain = sim.hit_rate - demand_only.hit_rate
+    effect = min(max((run.hit_rate - demand_only.hit_rate) / gain, 0.0), 1.0) if gain > 0.01 else 1.0
     demand = min(run.misses * expert_bytes_mean, run.bytes_read) / max(run.decode_tokens, 1)
     prefetched = run.bytes_per_token - demand
     if prefetched <= 0.01 * max(run.bytes_per_token, 1) or run.tokens_per_s <= 0:
-        return None
+        return model
     c = model.read_s_per_byte(need_bytes)
     factor = (1.0 / run.tokens_per_s - model.base_s - c * demand) / (c * prefetched)
-    return min(max(factor, 0.0), 4.0)
+    return replace(model, prefetch_factor=min(max(factor, 0.0), 4.0), prefetch_effect=effect)
 
 
 @dataclass
@@ -126,15 +138,20 @@ class Row:
     share: float                      # of all expert bytes
     sim: SimResult
     need_bytes: int                   # predicted peak RSS
+    demand_only: SimResult | None = None  # prefetch rows: the same setting replayed without prefetch
     predicted_tps: float = 0.0
     excluded: str = ""                # why it may not be recommended ("" = eligible)
     runs: list[RunResult] = field(default_factory=list)
 
     @property
+    def best_run(self) -> RunResult | None:
+        """The fastest of the repeats: on a shared machine the least disturbed run is the closest
+        to what the setting can do."""
+        return max(self.runs, key=lambda r: r.tokens_per_s) if self.runs else None
+
+    @property
     def measured_tps(self) -> float | None:
-        """Best of the repeats: on a shared machine the least disturbed run is the closest to what
-        the setting can do."""
-        return max(r.tokens_per_s for r in self.runs) if self.runs else None
+        return self.best_run.tokens_per_s if self.runs else None
 
     @property
     def measured_hit_rate(self) -> float | None:

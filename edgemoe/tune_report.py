@@ -74,8 +74,9 @@ def summary(res: TuneResult) -> list[str]:
                      f"(ggml backends: {', '.join(m.ggml_backends)}); expert reads {m.read_warm_bps / 1e9:.2f} GB/s "
                      f"from page cache, {m.read_cold_bps / 1e9:.2f} GB/s from disk ({m.read_cold_method})")
     if f and res.memory:
+        source = "--max-memory" if res.options.max_memory_bytes else "RAM available"
         lines.append(f"memory: {res.memory.explain(0).replace('budget 0 + ', '')} fixed + budget; cap "
-                     f"{res.cap_bytes / MIB:.0f} MiB ({'--max-memory' if res.options.max_memory_bytes else 'RAM available'})"
+                     f"{res.cap_bytes / MIB:.0f} MiB ({source})"
                      f"; all experts {res.expert_bytes_total / MIB:.1f} MiB")
     for budget, why in sorted(res.excluded_budgets.items(), reverse=True):
         lines.append(f"excluded: budget {budget / MIB:.1f} MiB ({100 * budget / max(res.expert_bytes_total, 1):.0f}%), "
@@ -88,9 +89,10 @@ def summary(res: TuneResult) -> list[str]:
             f"{n} → {r.tokens_per_s:.1f} tok/s" for n, r in res.thread_runs.items()) + f"; using {res.threads}")
     if res.cost:
         c = res.cost
-        lines.append(f"cost model: {1e3 * c.base_s:.2f} ms/token base + missed bytes at {1 / c.warm_s_per_byte / 1e9:.2f} "
-                     f"GB/s cached, {1 / c.cold_s_per_byte / 1e9:.2f} GB/s from disk (read cost from {c.read_source}); "
-                     f"a prefetched byte costs {c.prefetch_factor:.2f}x a missed one")
+        lines.append(f"cost model: {1e3 * c.base_s:.2f} ms/token base + missed bytes at "
+                     f"{1 / c.warm_s_per_byte / 1e9:.2f} GB/s cached, {1 / c.cold_s_per_byte / 1e9:.2f} GB/s from disk (read cost from {c.read_source}); "
+                     f"prefetch delivers {100 * c.prefetch_effect:.0f}% of the replay's extra hits and a "
+                     f"prefetched byte costs {c.prefetch_factor:.2f}x a missed one")
     errors = [(r.predicted_tps - r.measured_tps) / r.measured_tps for r in res.measured_rows() if r.measured_tps]
     if errors:
         lines.append(f"predicted vs measured tokens/s over {len(errors)} measured settings: "

@@ -1,5 +1,6 @@
 """Dual precision: resident low-bit copies of every expert, outside the budget, serve cache misses
-while the full-precision copies load; the budget still holds; counts say how often."""
+(low-gate ones by default; every one, with the full copy loading behind, on request); the
+budget still holds; counts say how often."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,6 +12,7 @@ from edgemoe.engine import Engine, EngineConfig
 from edgemoe.quality import heldout_windows, kl_divergence, top1_agreement
 
 N_MOE_LAYERS, TOP_K = 4, 2  # the demo model
+BEHIND = dict(dual_low_type="q2_k", dual_load_above=1.0, dual_background_load=True)  # every miss low, load behind
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -40,7 +42,7 @@ def test_low_copies_are_measured_outside_the_budget_and_serve_misses(demo_q8, wi
     full = _engine(demo_q8)
     ref = full.logits(window)
     full.close()
-    engine = _engine(demo_q8, 0.25, dual_low_type="q2_k")
+    engine = _engine(demo_q8, 0.25, **BEHIND)
     try:
         low = engine.cache.low
         assert engine.low_bytes == sum(ex.buffer.nbytes for ex in low.experts.values()) > 0
@@ -71,7 +73,7 @@ def test_low_copies_are_measured_outside_the_budget_and_serve_misses(demo_q8, wi
 
 
 def test_full_budget_serves_nothing_low_once_warm(demo_q8, window):
-    engine = _engine(demo_q8, None, dual_low_type="q2_k")
+    engine = _engine(demo_q8, None, **BEHIND)
     try:
         misses = []
         for _ in range(6):  # each pass's low-served misses load in the background (stale ones are dropped)
@@ -91,7 +93,7 @@ def test_threshold_zero_waits_for_every_miss_and_changes_nothing(demo_q8, window
     plain = _engine(demo_q8, 0.25)
     want = plain.logits(window)
     plain.close()
-    engine = _engine(demo_q8, 0.25, dual_low_type="q2_k", dual_load_above=0.0)
+    engine = _engine(demo_q8, 0.25, **{**BEHIND, "dual_load_above": 0.0})
     try:
         got = engine.logits(window)
         stats = engine.cache.step_stats()
@@ -99,6 +101,22 @@ def test_threshold_zero_waits_for_every_miss_and_changes_nothing(demo_q8, window
         engine.close()
     assert stats.low_served == 0 and stats.misses > 0
     np.testing.assert_array_equal(got, want)
+
+
+def test_default_loads_high_gate_misses_and_serves_the_rest_low_without_loading(demo_q8, window):
+    engine = _engine(demo_q8, 0.25, dual_low_type="q2_k")  # defaults: gate > 0.5 loads, nothing behind
+    try:
+        assert engine.cache.load_above == 0.5 and not engine.cache.background_load
+        stats = [e.cache for e in engine.stream_generate(window[:16], max_tokens=24, stop_at_eos=False)][1:]
+        engine.cache.load_above = 1.0  # now no miss may load
+        after = [e.cache for e in engine.stream_generate(window[16:32], max_tokens=4, stop_at_eos=False)]
+    finally:
+        engine.close()
+    # with top-2 routing the first expert's gate is >= 0.5: per token at most one expert per layer low
+    assert all(s.low_token_slots <= N_MOE_LAYERS for s in stats)
+    assert sum(s.low_served for s in stats) > 0 and sum(s.bytes_read for s in stats) > 0
+    assert sum(s.bytes_read for s in after) == 0
+    assert sum(s.low_served for s in after) == sum(s.misses for s in after) > 0
 
 
 def test_experts_already_at_the_low_type_are_exact_and_never_load(tmp_path, window):

@@ -67,12 +67,21 @@ def test_page_cache_share():
     assert m.read_s_per_byte(need_bytes=2000) == pytest.approx(5e-9)       # none
 
 
-def test_prefetch_factor():
+def test_prefetch_effect_and_factor():
     model = CostModel(0.010, 1e-9, 1e-9, 10**12, 10**9)
-    # 10 misses of 1 MB = 10 MB demand per token, 20 MB more by prefetch, costing half a demand byte
-    run = _run(1 / (0.010 + 1e-9 * 10e6 + 0.5 * 1e-9 * 20e6), 30e6, misses=10 * 100)
-    assert calibrate_prefetch(model, run, 1e6, 0) == pytest.approx(0.5)
-    assert calibrate_prefetch(model, _run(50, 10e6, misses=1000), 1e6, 0) is None  # nothing prefetched
+    demand_only = SimResult("lru", 0, 40, 60, int(60e6 * 10), 10)  # 60 MB/token read, 40% hits
+    # with prefetch: 80% hits, 20 MB/token demand + 30 MB/token prefetched
+    sim = SimResult("lru", 0, 80, 20, int(50e6 * 10), 10, prefetch_bytes=int(30e6 * 10))
+    # measured: 60% hits (half the replay's gain), 10 misses of 1 MB = 10 MB demand per token,
+    # 20 MB more by prefetch, each prefetched byte costing half a demand byte
+    run = RunResult(100, 100 * (0.010 + 1e-9 * 10e6 + 0.5 * 1e-9 * 20e6), 1500, 1000, int(30e6 * 100), 0, 0, 0)
+    fitted = calibrate_prefetch(model, run, sim, demand_only, 1e6, 0)
+    assert fitted.prefetch_effect == pytest.approx(0.5) and fitted.prefetch_factor == pytest.approx(0.5)
+    # predicted demand: 60 MB/token minus half of the 40 MB the replay saved
+    want = 1 / (0.010 + 1e-9 * (60e6 - 0.5 * 40e6) + 0.5 * 1e-9 * 30e6)
+    assert fitted.tokens_per_s(sim, 0, demand_only) == pytest.approx(want)
+    nothing = RunResult(100, 2.0, 1500, 1000, int(10e6 * 100), 0, 0, 0)  # read only its misses
+    assert calibrate_prefetch(model, nothing, sim, demand_only, 1e6, 0) is model
 
 
 def test_recommend_prefers_less_memory_within_tolerance():

@@ -27,8 +27,8 @@ def test_tune_on_the_mixtral_slice(mixtral_slice, tmp_path):
     plan = MemoryPlan(facts.runtime_bytes, facts.dense_bytes, facts.kv_bytes)
     total = sum(facts.expert_bytes.values())
     cap = plan.need_bytes(int(total * 0.6))
-    res = tune(TuneOptions(mixtral_slice, n_tokens=4, shares=(1.0, 0.5, 0.25), confirm=1, max_memory_bytes=cap,
-                           work_dir=tmp_path))
+    res = tune(TuneOptions(mixtral_slice, n_tokens=4, shares=(1.0, 0.5, 0.25), confirm=1, repeats=1,
+                           max_memory_bytes=cap, work_dir=tmp_path))
     assert total in res.excluded_budgets and int(total * 0.5) not in res.excluded_budgets
     assert res.recommended_by == "measured" and not res.recommended.excluded
     assert not [n for n in res.notes if "differ" in n]  # every run followed the trace's routing
