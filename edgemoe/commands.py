@@ -472,4 +472,4 @@ def tune_cmd(args: argparse.Namespace) -> int:
         console.print(f"wrote {kind}: {written}", highlight=False)
     if res.recommended:
         console.print(f"use it: edgemoe generate --profile {out / 'profile.yaml'} -p \"...\"", highlight=False)
-    return 130 if res.interrupted else 0
+    return 130 if res.interrupted else 1 if res.failed else 0

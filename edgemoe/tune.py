@@ -26,7 +26,7 @@ from edgemoe.simulate import simulate
 from edgemoe.trace import Trace
 from edgemoe.tune_model import (CostModel, MemoryPlan, Row, Setting, calibrate, calibrate_prefetch, recommend,
                                 to_confirm)
-from edgemoe.tune_run import ModelFacts, RunRequest, RunResult, run_facts, run_measure
+from edgemoe.tune_run import ModelFacts, RunFailed, RunRequest, RunResult, run_facts, run_measure
 
 DEFAULT_SHARES = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125)
 DEFAULT_PROMPTS = (
@@ -75,6 +75,7 @@ class TuneResult:
     validation: dict | None = None
     notes: list[str] = field(default_factory=list)
     interrupted: bool = False
+    failed: str = ""                  # why a measuring run died and the sweep stopped early
     trace_path: Path | None = None
     threads: int | None = None                           # chosen by the calibration (or --threads)
     calibration_rows: list[Row] = field(default_factory=list)
@@ -136,6 +137,9 @@ def tune(opts: TuneOptions, progress=NullProgress()) -> TuneResult:
     except KeyboardInterrupt:
         res.interrupted = True
         res.notes.append("interrupted: the results below are what was gathered before Ctrl-C")
+    except RunFailed as exc:  # keep what was measured; the failing run's stderr tail is in the message
+        res.failed = str(exc)
+        res.notes.append(f"stopped early, a measuring run failed: {exc}")
     _conclude(res)
     return res
 

@@ -173,6 +173,26 @@ def test_cli_ctrl_c_writes_partial_results(demo, tmp_path, monkeypatch):
     assert (tmp_path / "profile.yaml").exists() and json.loads((tmp_path / "tune.json").read_text())["interrupted"]
 
 
+def test_a_failing_run_keeps_what_was_gathered(demo, tmp_path, monkeypatch):
+    from edgemoe import tune as tune_module
+    from edgemoe.tune_run import RunFailed
+
+    calls, real = [], tune_module.run_measure
+
+    def fail_when_confirming(req, isolated):
+        calls.append(req)
+        if len(calls) > 4:  # the calibration runs pass, then the model "breaks"
+            raise RunFailed("measuring run (measure) failed with exit code 1:\n  model file changed")
+        return real(req, isolated)
+
+    monkeypatch.setattr(tune_module, "run_measure", fail_when_confirming)
+    code = cli.main(["tune", str(demo), "-n", "4", "--threads", "1", "--repeats", "1", "-o", str(tmp_path)])
+    assert code == 1
+    results = json.loads((tmp_path / "tune.json").read_text())
+    assert any("a measuring run failed" in n and "model file changed" in n for n in results["notes"])
+    assert (tmp_path / "profile.yaml").exists()  # recommended from the calibration runs measured before
+
+
 @pytest.mark.slow
 def test_recommendation_within_10_percent_of_the_best_measured(demo, tmp_path):
     """Measure every eligible setting for real; the recommendation `tune` makes from its predicted
