@@ -41,6 +41,20 @@ def atomic_output(out: Path):
             signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt(enabled: bool = True):
+    """SIGTERM raises KeyboardInterrupt inside the block (main thread only), so `kill` cleans up as
+    Ctrl-C does: every `finally` and `with` runs (calibration's temporary folder, a partial output)."""
+    if not enabled or not _is_main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"terminated by signal {signum}")
 

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "model it did not lower held-out KL), always, or where calibration measured it better (auto)")
     c.set_defaults(func=commands.convert_cmd)
 
+    _compress_parser(sub)
+
     i = sub.add_parser("inspect", help="show what a GGUF file holds",
                        description="Architecture, layers, experts per layer, tensor types, expert vs dense "
                                    "bytes, and whether stock llama.cpp can load the file.")
@@ -171,6 +173,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _compress_parser(sub) -> None:
+    c = sub.add_parser("compress", help="MoE-I² compression: prune experts, low-rank the rest, write GGUF",
+                       description="Compress a Hugging Face MoE checkpoint with MoE-I² (docs/COMPRESSION.md): "
+                                   "expert importance on calibration text, non-uniform per-layer pruning found by a "
+                                   "genetic search and a KT-reception field, then per-expert low-rank SVD. Runs layer "
+                                   "by layer; writes edgemoe's extended layout (edgemoe engine, not stock llama.cpp).")
+    c.add_argument("hf_dir", type=Path, help="checkpoint folder")
+    c.add_argument("-o", "--output", type=Path, required=True, help="output .gguf path (written atomically)")
+    c.add_argument("--prune", type=float, default=0.25, help="share of all routed experts to remove (default 0.25; 0 skips)")
+    c.add_argument("--rank-ratio", type=float, default=1.0,
+                   help="share of each kept expert's parameters stored as low-rank factors, ranks from importance "
+                        "(default 1: no low-rank stage; 0.7 keeps ~70%%)")
+    c.add_argument("--svd", choices=["whitened", "plain"], default="plain",
+                   help="plain or activation-aware (whitened) SVD (default plain: with quantized factors it "
+                        "measured better; whitened wins with f16/f32 factors, see docs/COMPRESSION.md)")
+    c.add_argument("--method", default="moe-i2", help="how experts are chosen: moe-i2 (default), uniform, frequency, "
+                                                      "random, naee")
+    c.add_argument("--population", type=int, default=24, help="genetic search population (default 24)")
+    c.add_argument("--generations", type=int, default=10, help="genetic search generations (default 10)")
+    c.add_argument("--crossover", type=float, default=1.0, help="crossover probability (default 1)")
+    c.add_argument("--mutation", type=float, default=0.2, help="mutation probability (default 0.2)")
+    c.add_argument("--seed", type=int, default=0, help="random seed of the search (default 0)")
+    c.add_argument("--keep-k", type=int, default=3, help="K candidates kept per layer (default 3)")
+    c.add_argument("--block-t", type=int, default=3, help="T layers per KT-reception-field block (default 3)")
+    c.add_argument("--calib", type=Path, default=None,
+                   help="calibration text (.txt or .jsonl); default: the demo corpus's train split")
+    c.add_argument("--calib-tokens", type=int, default=1024, help="calibration tokens (default 1024)")
+    c.add_argument("--kt-tokens", type=int, default=512, help="of those, tokens the KT field measures on (default 512)")
+    c.add_argument("--lora-steps", type=int, default=0,
+                   help="LoRA recovery: fine-tune steps (one calibration window each) of adapters on the attention "
+                        "projections, distilled from the original model, merged before export (default 0: off; "
+                        "needs the model in RAM)")
+    c.add_argument("--lora-rank", type=int, default=8, help="LoRA adapter rank (default 8)")
+    c.add_argument("--lora-lr", type=float, default=1e-3, help="LoRA learning rate (default 1e-3)")
+    c.add_argument("--type", default="q8_0", help="expert tensor type (default q8_0)")
+    c.add_argument("--dense-type", default="f16", help="dense tensor type (default f16)")
+    c.add_argument("--eval", type=int, default=0, metavar="TOKENS", dest="eval_tokens",
+                   help="also measure held-out perplexity/KL/top-1 vs the original on TOKENS tokens (default: off)")
+    c.add_argument("--report", type=Path, default=None, help="write every decision to this .json or .yaml file")
+    c.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
+    c.set_defaults(func=commands.compress_cmd)
+
+
 def _predictor_parsers(sub) -> None:
     pr = sub.add_parser("predictor", help="train and measure the learned prefetch predictor",
                         description="A small model that forecasts the next MoE layers' experts from the routing "
@@ -230,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "profile", None) is not None:
             commands.apply_profile(args, sys.argv[1:] if argv is None else argv)
-        return args.func(args) or 0
+        from edgemoe.converters.atomic import sigterm_as_interrupt
+        with sigterm_as_interrupt(args.command in ("convert", "compress")):  # `kill` cleans up like Ctrl-C
+            return args.func(args) or 0
     except KeyboardInterrupt:
         print("\ninterrupted; no partial output was kept", file=sys.stderr)
         return 130

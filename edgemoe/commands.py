@@ -62,6 +62,47 @@ def _convert_mixed(args: argparse.Namespace, console: Console, on_progress, on_s
     return 0
 
 
+def compress_cmd(args: argparse.Namespace) -> int:
+    from edgemoe.converters.compress.options import CompressOptions
+    from edgemoe.converters.compress.pipeline import compress, prepare, write_report
+
+    opts = CompressOptions(prune=args.prune, rank_ratio=args.rank_ratio, svd=args.svd, method=args.method,
+                           population=args.population, generations=args.generations, crossover=args.crossover,
+                           mutation=args.mutation, seed=args.seed, keep_k=args.keep_k, block_t=args.block_t,
+                           calib=args.calib, calib_tokens=args.calib_tokens, kt_tokens=args.kt_tokens,
+                           expert_type=args.type, dense_type=args.dense_type, eval_tokens=args.eval_tokens,
+                           lora_steps=args.lora_steps, lora_rank=args.lora_rank, lora_lr=args.lora_lr,
+                           n_threads=args.threads)
+    prepared = prepare(args.hf_dir, args.output, opts, args.report)  # every check before any work
+    console = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeRemainingColumn(), console=console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def on_progress(stage: str, done: int, total: int, label: str) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total, description=f"{stage:<10} {label[:28]:<28}")
+
+        result = compress(prepared, on_progress, report_path=args.report)
+    s = result.report["summary"]
+    console.print(f"wrote {result.path} (edgemoe extended layout, not loadable by stock llama.cpp; "
+                  f"{s['experts_after']} of {s['experts_before']} experts, {s['expert_param_share']:.0%} of the expert "
+                  f"parameters, {s['file_bytes'] / 2**20:.1f} MiB) in {result.seconds:.1f}s")
+    kept = ", ".join(str(r["kept_count"]) for r in result.report["layers"].values())
+    console.print(f"experts kept per MoE layer: {kept}")
+    if "quality" in result.report:
+        q = result.report["quality"]
+        console.print(f"held-out ({q['tokens']} tokens): perplexity {q['perplexity']:.2f} (original "
+                      f"{q['perplexity_original']:.2f}), KL {q['kl']:.4f}, top-1 agreement {q['top1']:.3f}")
+    if "lora" in result.report:
+        lr = result.report["lora"]
+        console.print(f"LoRA: calibration KL {lr['kl_calibration_before']:.4f} -> {lr['kl_calibration_after']:.4f}")
+    if args.report:
+        console.print(f"report: {args.report}")
+    return 0
+
+
 def inspect_cmd(args: argparse.Namespace) -> int:
     from edgemoe.inspect_model import summarize
 
@@ -69,11 +110,15 @@ def inspect_cmd(args: argparse.Namespace) -> int:
     console = Console()
     console.print(f"[bold]{s.path}[/bold]  arch={s.arch}  name={s.name!r}  layers={s.n_layers}  "
                   f"experts used per token={s.experts_used}")
-    table = Table("layer", "experts", "expert types", "expert MiB")
+    table = Table("layer", "experts", "expert types", "expert MiB", "low-rank matrices")
     for layer, n in enumerate(s.experts_per_layer):
         types = s.layer_types[layer] if layer < len(s.layer_types) else {}
-        table.add_row(str(layer), str(n) if n else "dense", " ".join(f"{t}×{c}" for t, c in sorted(types.items())),
-                      f"{s.layer_expert_bytes[layer] / 2**20:.2f}" if n else "")
+        ranks = s.layer_ranks[layer] if layer < len(s.layer_ranks) else ()
+        table.add_row(str(layer), (f"{n} of {s.original_experts}" if n < s.original_experts else str(n)) if n else "dense",
+                      " ".join(f"{t}×{c}" for t, c in sorted(types.items())),
+                      f"{s.layer_expert_bytes[layer] / 2**20:.2f}" if n else "",
+                      f"{len(ranks)}, rank {min(ranks)}" + (f"–{max(ranks)}" if max(ranks) > min(ranks) else "")
+                      if ranks else "")
     console.print(table)
     console.print("types: " + ", ".join(f"{k}×{v}" for k, v in sorted(s.type_counts.items())))
     total = s.expert_bytes + s.dense_bytes

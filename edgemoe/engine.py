@@ -89,6 +89,7 @@ class Engine:
     def logits(self, tokens: list[int]) -> np.ndarray:
         """Logits for every position of `tokens`, from a fresh KV cache: [T, V]."""
         kv = self.model.new_kv(max(len(tokens), 1))
+        self.cache.check_file()  # dense weights are mapped from the file: never touch a truncated one
         with torch.no_grad():
             return self.model.forward(tokens, kv, 0, all_logits=True).numpy()
 
@@ -106,9 +107,11 @@ class Engine:
         pending, history = b"", list(ids)
         first_token_s = None
         with torch.no_grad():
+            self.cache.check_file()  # dense weights are mapped from the file: never touch a truncated one
             logits = self.model.forward(ids, kv, 0)[-1]
             for i in range(max_tokens):
                 if i > 0:
+                    self.cache.check_file()
                     logits = self.model.forward([history[-1]], kv, len(history) - 1)[-1]
                 token = sample(logits, temperature, top_p, rng)
                 now = time.perf_counter()

@@ -26,22 +26,50 @@ import time
 from edgemoe.dual import LowCopies
 from edgemoe.events import CacheStats
 from edgemoe.expert_store import ExpertSpec, ResidentExpert, read_expert
-from edgemoe.gguf_file import ModelFileError
+from edgemoe.gguf_file import ExpertReadError, ModelFileChanged, ModelFileError
 from edgemoe.policies import Key, Policy
 from edgemoe.residency import BudgetError, Residency  # noqa: F401  (BudgetError re-exported)
+
+
+def _check_shapes(path, specs: dict[Key, ExpertSpec]) -> None:
+    """A full-rank expert is gate, up [F, D] and down [D, F]: a file that says otherwise would fail
+    (or worse) in the expert graph; say so before any token runs."""
+    for key, spec in specs.items():
+        m = {p.role: p for p in spec.parts}
+        if set(m) != {"gate", "up", "down"}:
+            continue  # low-rank factors: edgemoe.expert_store checks those shapes
+        g, u, d = m["gate"], m["up"], m["down"]
+        if not (g.rows == u.rows == d.cols and g.cols == u.cols == d.rows):
+            raise ModelFileError(f"{os.fspath(path)}: expert {key} has gate {g.rows}x{g.cols}, up {u.rows}x{u.cols}, "
+                                 f"down {d.rows}x{d.cols}; they do not form one FFN, the file is corrupt")
+
+
+class _Specs(dict):
+    """key -> ExpertSpec; routing to an expert the file lacks is a ModelFileError naming the file."""
+
+    def __init__(self, path, specs: dict[Key, ExpertSpec]):
+        super().__init__(specs)
+        self.path = os.fspath(path)
+
+    def __missing__(self, key: Key):
+        raise ModelFileError(f"{self.path}: the router of layer {key[0]} chose expert {key[1]}, which the file "
+                             "does not hold; the file is incomplete or corrupt, re-create it")
 
 
 class ExpertCache:
     def __init__(self, path: str | os.PathLike, specs: dict[Key, ExpertSpec], budget_bytes: int, policy: Policy,
                  n_layers: int, low: LowCopies | None = None, load_above: float = 0.5, stale_after: int = 64,
                  background_load: bool = False):
-        self.specs, self.n_layers = specs, n_layers
+        self.specs, self.n_layers = _Specs(path, specs), n_layers
+        _check_shapes(path, specs)
         self.low, self.load_above, self.stale_after = low, load_above, stale_after
         self.background_load = background_load  # False: a low-served miss loads nothing (low "instead of" full)
         self.state = Residency({k: s.alloc_bytes for k, s in specs.items()}, budget_bytes, policy)
         self.path = os.fspath(path)
         self.fd = os.open(self.path, os.O_RDONLY)
-        self.file_size = os.fstat(self.fd).st_size
+        st = os.fstat(self.fd)
+        self.file_size, self._file_mtime_ns = st.st_size, st.st_mtime_ns
+        self.file_changed: str | None = None  # set once the file is seen truncated or rewritten: sticky
         self.cond = threading.Condition()
         self.experts: dict[Key, ResidentExpert] = {}
         self.loading: set[Key] = set()
@@ -130,9 +158,29 @@ class ExpertCache:
             s.pins[key] += 1
             return expert
 
+    def check_file(self) -> None:
+        """Raise ModelFileChanged if the file was truncated or rewritten since it was opened (one
+        fstat). The engine calls it before every forward pass: its dense weights are mapped from
+        the file, and touching a mapped page past a truncation kills the process (SIGBUS)."""
+        if self.file_changed is None and self.fd >= 0:
+            st = os.fstat(self.fd)
+            if (st.st_size, st.st_mtime_ns) != (self.file_size, self._file_mtime_ns):
+                self.file_changed = (f"model file {self.path} changed while running (size {self.file_size} -> "
+                                     f"{st.st_size} bytes); open the model again")
+        if self.file_changed is not None:
+            raise ModelFileChanged(self.file_changed)
+
     def _read(self, key: Key) -> ResidentExpert:
         try:
-            return read_expert(self.fd, self.specs[key], self.file_size)
+            self.check_file()
+            try:
+                return read_expert(self.fd, self.specs[key], self.file_size)
+            except ModelFileError as exc:
+                self.check_file()  # a short read: say so if the file changed under us
+                raise ModelFileError(f"{self.path}: {exc}") from exc
+            except OSError as exc:
+                raise ExpertReadError(f"reading expert {key} from {self.path} failed: {exc.strerror or exc}; "
+                                      "the reply was stopped, try again (check the disk if it repeats)") from exc
         except BaseException:
             with self.cond:
                 self.loading.discard(key)

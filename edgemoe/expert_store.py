@@ -3,6 +3,9 @@
 Stock layout: expert e of layer l is slice e of the 3-D tensors blk.l.ffn_{gate,up,down}_exps
 (three preads). The extended layout (docs/FORMAT.md) stores each expert's three 2-D tensors
 contiguously, each with its own type: one pread loads the expert. `find_experts` picks by layout.
+A low-rank matrix (layout version 2) is two parts, `{role}_a` [r, in] then `{role}_b` [out, r]
+(W ~= B·A), read in the same pread; `ResidentExpert.matrices` gives each role as a `Weight` or a
+`LowRank` pair.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ def _round_up(n: int, align: int = 64) -> int:
 
 @dataclass(frozen=True)
 class ExpertPart:
-    role: str       # gate | up | down
+    role: str       # gate | up | down, or gate_a | gate_b | ... for low-rank factors
     qtype: QT
     rows: int       # out features
     cols: int       # in features
@@ -95,24 +98,75 @@ def stock_experts(model: GGUFFile) -> dict[tuple[int, int], ExpertSpec]:
 
 
 def extended_experts(model: GGUFFile) -> dict[tuple[int, int], ExpertSpec]:
-    """Experts of the extended layout: per layer its own count, per expert its own types."""
+    """Experts of the extended layout: per layer its own count, per expert its own types and
+    (version 2) low-rank roles, every shape checked against the others before native code."""
     layout = read_layout(model)
+    # an expert's FFN width: the hyper-parameter where the arch writes one, else the layer's first expert
+    hidden, expert_ffn = (model.arch_field(k) for k in ("embedding_length", "expert_feed_forward_length"))
+    expert_ffn = expert_ffn if expert_ffn is not None else model.arch_field("feed_forward_length")
+    if not all(isinstance(v, (int, type(None))) for v in (hidden, expert_ffn)):
+        raise ModelFileError(f"{model.path}: {model.arch}.embedding_length / feed-forward length is not an integer")
+    hidden = hidden or 0
     specs: dict[tuple[int, int], ExpertSpec] = {}
     for layer, n in enumerate(layout.expert_counts):
+        layer_ffn = int(expert_ffn) if expert_ffn else None
         for e in range(n):
-            parts = []
-            for role, qtype in zip(ROLES, layout.expert_types[(layer, e)]):
-                name = expert_tensor_name(layer, e, role)
-                t = model.tensors.get(name)
-                if t is None:
-                    raise ModelFileError(f"{model.path}: tensor {name} is missing ({layout.expert_counts[layer]} "
-                                         f"experts listed for layer {layer}); re-convert the model")
-                if len(t.shape) != 2 or t.qtype != qtype:
-                    raise ModelFileError(f"{model.path}: {name} is {t.qtype.name} {list(t.shape)}; the expert type "
-                                         f"table says a 2-D {qtype.name} matrix")
-                parts.append(ExpertPart(role, t.qtype, t.shape[0], t.shape[1], t.offset, t.nbytes))
+            parts: list[ExpertPart] = []
+            for role, qtype, rank in zip(ROLES, layout.expert_types[(layer, e)], layout.expert_ranks[(layer, e)]):
+                parts.extend(_role_parts(model, layer, e, role, qtype, rank))
+            ffn = _check_shapes(model, layer, e, parts, hidden, layer_ffn)
+            layer_ffn = layer_ffn or ffn
             specs[(layer, e)] = ExpertSpec(layer, e, tuple(parts), _contiguous(parts))
     return specs
+
+
+def _role_parts(model: GGUFFile, layer: int, e: int, role: str, qtype: QT, rank: int) -> list[ExpertPart]:
+    """One matrix of one expert: the full tensor (rank 0), or its factors a [rank, in], b [out, rank]
+    (a in the type table's type, b in its own, the type's fallback for rows of `rank` values)."""
+    full = expert_tensor_name(layer, e, role)
+    if rank == 0:
+        t = model.tensors.get(full)
+        if t is None:
+            raise ModelFileError(f"{model.path}: tensor {full} is missing (layer {layer} lists {e + 1}+ experts "
+                                 "and edgemoe.expert_ranks says full rank); re-convert the model")
+        if len(t.shape) != 2 or t.qtype != qtype:
+            raise ModelFileError(f"{model.path}: {full} is {t.qtype.name} {list(t.shape)}; the expert type "
+                                 f"table says a 2-D {qtype.name} matrix")
+        return [ExpertPart(role, t.qtype, t.shape[0], t.shape[1], t.offset, t.nbytes)]
+    if full in model.tensors:
+        raise ModelFileError(f"{model.path}: {full} is stored in full, but edgemoe.expert_ranks gives it rank {rank}")
+    a, b = (model.tensors.get(expert_tensor_name(layer, e, role, f)) for f in ("a", "b"))
+    for f, t in (("a", a), ("b", b)):
+        if t is None:
+            raise ModelFileError(f"{model.path}: low-rank factor {expert_tensor_name(layer, e, role, f)} is missing "
+                                 f"(edgemoe.expert_ranks gives layer {layer} expert {e} {role} rank {rank}); "
+                                 "re-export the model")
+        if len(t.shape) != 2:
+            raise ModelFileError(f"{model.path}: {t.name} has shape {list(t.shape)}; a factor is a 2-D matrix")
+    if a.shape[0] != rank or b.shape[1] != rank:
+        raise ModelFileError(f"{model.path}: {a.name} {list(a.shape)} and {b.name} {list(b.shape)} do not have "
+                             f"the rank {rank} edgemoe.expert_ranks gives (expected [{rank}, in] and [out, {rank}])")
+    if a.qtype != qtype:
+        raise ModelFileError(f"{model.path}: {a.name} is {a.qtype.name}; the expert type table says {qtype.name}")
+    return [ExpertPart(role + "_a", a.qtype, a.shape[0], a.shape[1], a.offset, a.nbytes),
+            ExpertPart(role + "_b", b.qtype, b.shape[0], b.shape[1], b.offset, b.nbytes)]
+
+
+def _check_shapes(model: GGUFFile, layer: int, e: int, parts: list[ExpertPart], hidden: int,
+                  layer_ffn: int | None) -> int:
+    """gate/up map hidden -> F, down maps F -> hidden, with one F per layer; returns F."""
+    dims = {}  # role -> (out, in) of the whole matrix
+    for p in parts:
+        role, _, factor = p.role.partition("_")
+        out, inp = dims.get(role, (None, None))
+        dims[role] = (p.rows if factor != "a" else out, p.cols if factor != "b" else inp)
+    ffn = layer_ffn or dims["gate"][0]
+    want = {"gate": (ffn, hidden), "up": (ffn, hidden), "down": (hidden, ffn)}
+    for role in ROLES:
+        if dims[role] != want[role]:
+            raise ModelFileError(f"{model.path}: layer {layer} expert {e} {role} is {list(dims[role])} (out, in); "
+                                 f"expected {list(want[role])} (hidden size {hidden}, expert FFN size {ffn})")
+    return ffn
 
 
 def _contiguous(parts: list[ExpertPart]) -> bool:
@@ -124,15 +178,31 @@ def _contiguous(parts: list[ExpertPart]) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class LowRank:
+    """A low-rank expert matrix W ~= b @ a: x -> a -> b, two ggml matmuls. a [r, in], b [out, r]."""
+    a: Weight
+    b: Weight
+
+    @property
+    def rows(self) -> int:
+        return self.b.rows
+
+
 class ResidentExpert:
     """One expert's bytes in our own aligned memory, wrapped as ggml tensors (zero copy)."""
 
     def __init__(self, spec: ExpertSpec, buffer: np.ndarray):
         self.spec, self.buffer = spec, buffer
-        self.weights: dict[str, Weight] = {}
+        self.weights: dict[str, Weight] = {}  # part role (gate, gate_a, ...) -> its matrix
         for p, pos in zip(spec.parts, spec.layout()[1]):
             self.weights[p.role] = Weight(buffer[pos:pos + p.nbytes], p.qtype, p.rows, p.cols,
                                           name=f"blk.{spec.layer}.expert{spec.expert}.{p.role}")
+        # gate / up / down: the full matrix, or its two factors
+        self.matrices: dict[str, Weight | LowRank] = {
+            role: self.weights[role] if role in self.weights else LowRank(self.weights[role + "_a"],
+                                                                         self.weights[role + "_b"])
+            for role in ROLES}
 
     def close(self) -> None:
         for w in self.weights.values():

@@ -24,6 +24,9 @@ class ModelSummary:
     layer_types: tuple[dict[str, int], ...] = ()
     layer_expert_bytes: tuple[int, ...] = ()
     layout: str = "stock"  # "stock" or "extended v<N>"
+    original_experts: int = 0  # {arch}.expert_count: experts per layer before pruning
+    # per layer: the ranks of its low-rank expert matrices (empty: all full), in stored order
+    layer_ranks: tuple[tuple[int, ...], ...] = ()
 
 
 def summarize(model: GGUFFile) -> ModelSummary:
@@ -33,11 +36,13 @@ def summarize(model: GGUFFile) -> ModelSummary:
     n_layers = int(model.arch_field("block_count", 0))
     per_layer, layer_bytes = [0] * n_layers, [0] * n_layers
     layer_types: list[Counter] = [Counter() for _ in range(n_layers)]
+    layer_ranks: list[list[int]] = [[] for _ in range(n_layers)]
     for (layer, _), spec in find_experts(model).items():
         if layer < n_layers:
             per_layer[layer] += 1
             layer_bytes[layer] += spec.nbytes
             layer_types[layer][spec.parts[0].qtype.name.lower()] += 1
+            layer_ranks[layer] += [p.rows for p in spec.parts if p.role.endswith("_a")]
     expert = sum(t.nbytes for t in model.tensors.values() if t.is_expert)
     dense = sum(t.nbytes for t in model.tensors.values()) - expert
     ours = [k for k in model.keys() if k.startswith(EDGEMOE_KEY_PREFIX)]
@@ -45,7 +50,8 @@ def summarize(model: GGUFFile) -> ModelSummary:
     layout = f"extended v{int(model.field(KEY_VERSION))}" if extended else "stock"
     if extended:
         reason = (f"edgemoe extended layout v{int(model.field(KEY_VERSION))}: one tensor set per expert with its own "
-                  "type and per-layer expert counts, which stock llama.cpp cannot load; run it with --backend edgemoe")
+                  "type, per-layer expert counts and low-rank experts, which stock llama.cpp cannot load; run it "
+                  "with --backend edgemoe")
     elif ours:
         reason = "uses edgemoe's extended layout (" + ", ".join(ours[:3]) + ")"
     else:
@@ -56,4 +62,5 @@ def summarize(model: GGUFFile) -> ModelSummary:
         experts_used=int(model.arch_field("expert_used_count", 0)),
         type_counts=dict(Counter(t.qtype.name for t in model.tensors.values())),
         expert_bytes=expert, dense_bytes=dense, stock_loadable=not ours, stock_reason=reason,
-        layer_types=tuple(dict(c) for c in layer_types), layer_expert_bytes=tuple(layer_bytes), layout=layout)
+        layer_types=tuple(dict(c) for c in layer_types), layer_expert_bytes=tuple(layer_bytes), layout=layout,
+        original_experts=int(model.arch_field("expert_count", 0)), layer_ranks=tuple(map(tuple, layer_ranks)))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from edgemoe.gguf_file import GGUFFile
+from edgemoe.gguf_file import GGUFFile, ModelFileError
 from edgemoe.native.backend import CpuBackend
 from edgemoe.native.tensors import ALIGNMENT, Graph, Weight, aligned_empty
 
@@ -138,11 +138,15 @@ class SwiGLU:
         return swiglu_ffn(self.backend, self.gate.weight, self.up.weight, self.down.weight, x)
 
 
-def tensor_f32(model: GGUFFile, name: str) -> torch.Tensor:
-    """A small tensor (norm weight, bias, router) dequantized to float32 torch."""
+def tensor_f32(model: GGUFFile, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """A small tensor (norm weight, bias, router) dequantized to float32 torch; `shape`: the one
+    the model needs (a file that says otherwise is refused before any token runs)."""
     import gguf.quants
 
     info = model.tensors[name]
+    if shape is not None and info.shape != shape:
+        raise ModelFileError(f"{model.path}: {name} has shape {list(info.shape)}, the model needs {list(shape)}; "
+                             "the file is corrupt, re-create it")
     raw = np.asarray(model.data(name))
     arr = gguf.quants.dequantize(raw, info.qtype) if info.qtype.name not in ("F32",) else raw.view(np.float32)
     return torch.from_numpy(np.array(arr, dtype=np.float32).reshape(info.shape))

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from edgemoe.expert_cache import ExpertCache
-from edgemoe.expert_store import ResidentExpert
-from edgemoe.layers import swiglu_ffn, swiglu_ffns
+from edgemoe.expert_store import LowRank, ResidentExpert
 from edgemoe.native.backend import CpuBackend
+from edgemoe.native.tensors import Graph, Weight
 
 
 @dataclass(frozen=True)
@@ -30,10 +30,35 @@ def route(logits: torch.Tensor, cfg: RouterConfig) -> tuple[torch.Tensor, torch.
     return weights * cfg.scale, ids
 
 
+# experts per ggml graph: a low-rank expert is up to 8 tensors / 7 nodes (Graph's limits: 512 / 256)
+_EXPERTS_PER_GRAPH = 32
+
+
+def expert_ffns(backend: CpuBackend, work: list[tuple[ResidentExpert, torch.Tensor]]) -> list[torch.Tensor]:
+    """SwiGLU FFNs of several experts on their own tokens, one ggml graph per 32 experts (one
+    thread-pool wake-up per layer). A full matrix is one matmul on its bytes; a low-rank one two
+    (x -> A -> B), as llama.cpp's build_moe_ffn otherwise. work: (expert, x [n, D]) -> [[n, D]]."""
+    ys: list[torch.Tensor] = []
+    for start in range(0, len(work), _EXPERTS_PER_GRAPH):
+        with Graph(backend, label="experts") as g:
+            outs = []
+            for expert, x in work[start:start + _EXPERTS_PER_GRAPH]:
+                m = expert.matrices
+                xin = g.input(x.numpy())
+                h = g.swiglu(_apply(g, m["gate"], xin), _apply(g, m["up"], xin))   # [n, F]
+                outs.append((_apply(g, m["down"], h), (x.shape[0], m["down"].rows)))
+            ys.extend(torch.from_numpy(y) for y in g.compute(outs))
+    return ys
+
+
+def _apply(g: Graph, m: Weight | LowRank, x: int) -> int:
+    # x: [n, in] -> [n, out]; low rank: [n, in] -> [n, r] -> [n, out]
+    return g.matmul(m.b, g.matmul(m.a, x)) if isinstance(m, LowRank) else g.matmul(m, x)
+
+
 def expert_ffn(backend: CpuBackend, expert: ResidentExpert, x: torch.Tensor) -> torch.Tensor:
     """SwiGLU FFN of one expert. x: [n, D] -> [n, D]."""
-    w = expert.weights
-    return swiglu_ffn(backend, w["gate"], w["up"], w["down"], x, label="experts")
+    return expert_ffns(backend, [(expert, x)])[0]
 
 
 class MoEBlock:
@@ -65,8 +90,7 @@ class MoEBlock:
             try:
                 for k, e, g in zip(keys, chosen, gates):
                     got.append(self.cache.acquire_for(k, g, len(assign[e][0])))
-                ys = swiglu_ffns(self.backend, [(ex.weights["gate"], ex.weights["up"], ex.weights["down"],
-                                                 x[assign[e][0]]) for (ex, _), e in zip(got, chosen)], label="experts")
+                ys = expert_ffns(self.backend, [(ex, x[assign[e][0]]) for (ex, _), e in zip(got, chosen)])
             finally:
                 for k, (_, pinned) in zip(keys, got):
                     if pinned:

@@ -10,8 +10,14 @@ class Tokenizer:
         from llama_cpp import Llama
         from llama_cpp._utils import suppress_stdout_stderr
 
-        with suppress_stdout_stderr(disable=False):  # llama.cpp logs context warnings to stderr
-            self.llm = Llama(str(path), vocab_only=True, verbose=False)
+        from edgemoe.gguf_file import ModelFileError
+
+        try:
+            with suppress_stdout_stderr(disable=False):  # llama.cpp logs context warnings to stderr
+                self.llm = Llama(str(path), vocab_only=True, verbose=False)
+        except ValueError as exc:  # llama-cpp-python's "Failed to load model from file"
+            raise ModelFileError(f"llama.cpp could not load the vocabulary of {path} (its metadata is corrupt or "
+                                 "inconsistent); re-create the file with `edgemoe convert`") from exc
         self.eos = self.llm.token_eos()
         self.bos = self.llm.token_bos()
 

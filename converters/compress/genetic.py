@@ -25,12 +25,15 @@ class GAConfig:
     mutation: float = 0.2
     keep_best: int = 3   # K candidates per layer
     seed: int = 0
+    crossover: float = 1.0  # chance a child mixes two parents; otherwise it copies the first
 
     def __post_init__(self):
         if self.population < 2 or self.generations < 1 or not 0 < self.elite < self.population:
             raise ValueError("genetic search needs population >= 2, generations >= 1 and 0 < elite < population")
         if not 0.0 <= self.mutation <= 1.0 or self.keep_best < 1:
             raise ValueError("mutation must be in [0, 1] and keep_best >= 1")
+        if not 0.0 <= self.crossover <= 1.0:
+            raise ValueError(f"crossover probability must be in [0, 1], got {self.crossover}")
 
 
 class LayerFitness:
@@ -66,9 +69,20 @@ def genetic_search(fitness: LayerFitness, n_drop: int, cfg: GAConfig) -> list[tu
         population.sort(key=fitness)
         nxt = population[: cfg.elite]
         seen = set(nxt)
+        tries = 0
         while len(nxt) < cfg.population:
+            tries += 1
+            if tries > 20 * cfg.population:  # low crossover/mutation breed only copies: add fresh genomes
+                c = tuple(sorted(rng.sample(range(E), n_drop)))
+                if c not in seen:
+                    seen.add(c)
+                    nxt.append(c)
+                continue
             a, b = rng.sample(population[: cfg.population // 2], 2)
-            child = set(rng.sample(sorted(set(a) | set(b)), n_drop))
+            if cfg.crossover < 1.0 and rng.random() >= cfg.crossover:
+                child = set(a)
+            else:
+                child = set(rng.sample(sorted(set(a) | set(b)), n_drop))
             if rng.random() < cfg.mutation:
                 child.remove(rng.choice(sorted(child)))
                 child.add(rng.choice([e for e in range(E) if e not in child]))

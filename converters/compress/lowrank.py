@@ -34,14 +34,19 @@ class Factors:
         return self.a @ self.b
 
 
-def ranks_from_importance(importance: torch.Tensor, m: int, n: int, rank_ratio: float, alpha: float = 0.15) -> list[int]:
-    """Per-expert ranks of one layer (the paper's formula); each at least 1, at most min(m, n)."""
+def ranks_from_importance(importance: torch.Tensor, m: int, n: int, rank_ratio: float, alpha: float = 0.15,
+                          multiple: int = 1) -> list[int]:
+    """Per-expert ranks of one layer (the paper's formula); each at least 1, at most min(m, n).
+    multiple > 1 rounds each rank to a multiple of it (at least one multiple): a factor [out, r]
+    whose rows hold a whole number of quant blocks (32) can be quantized like its expert."""
     if not 0 < rank_ratio <= 1:
         raise ValueError(f"rank ratio must be in (0, 1], got {rank_ratio}")
     r_avg = rank_ratio * m * n / (m + n)
     w = (importance.double() + EPS) ** alpha
-    ranks = torch.floor(w / w.sum() * r_avg * len(importance)).long().clamp(1, min(m, n))
-    return ranks.tolist()
+    ranks = torch.floor(w / w.sum() * r_avg * len(importance)).long()
+    if multiple > 1:
+        ranks = (torch.round(ranks.double() / multiple).long() * multiple).clamp(min=multiple)
+    return ranks.clamp(1, min(m, n)).tolist()
 
 
 def svd_factors(w: torch.Tensor, rank: int, x: torch.Tensor | None = None) -> Factors:
@@ -60,12 +65,12 @@ def svd_factors(w: torch.Tensor, rank: int, x: torch.Tensor | None = None) -> Fa
 
 @torch.no_grad()
 def decompose_layer(layer: MoELayer, x: torch.Tensor, importance: torch.Tensor, rank_ratio: float,
-                    whitened: bool, keep: list[int] | None = None) -> dict[int, dict[str, Factors]]:
+                    whitened: bool, keep: list[int] | None = None, rank_multiple: int = 1) -> dict[int, dict[str, Factors]]:
     """Factors for gate, up and down of each kept expert of `layer`. x: the layer's MoE inputs."""
     keep = keep if keep is not None else list(range(layer.n_experts))
     f_dim = layer.down.shape[2]
     d_dim = layer.down.shape[1]
-    r_in = ranks_from_importance(importance[keep], f_dim, d_dim, rank_ratio)   # gate/up: [F, D]
+    r_in = ranks_from_importance(importance[keep], f_dim, d_dim, rank_ratio, multiple=rank_multiple)  # gate/up: [F, D]
     routed = torch.topk(x @ layer.router.weight.T, layer.top_k, dim=-1).indices
     out = {}
     for e, r in zip(keep, r_in):

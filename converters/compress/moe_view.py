@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,8 @@ class MoELayer:
     n_experts: int
     top_k: int
     normalize: bool       # renormalise the top-k weights
+    scale: float = 1.0    # DeepSeek's routed_scaling_factor (streamed layers; transformers blocks: 1)
+    gating: str = "softmax"  # softmax | sigmoid
 
     @property
     def gate_up(self) -> torch.Tensor:  # [E, 2F, D]
@@ -41,8 +44,10 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
         gate = getattr(mlp, "gate", None)
         if gate is None or not hasattr(getattr(mlp, "experts", None), "gate_up_proj"):
             continue  # a dense layer (e.g. DeepSeek's leading ones)
-        layers.append(MoELayer(i, mlp, gate, gate.weight.shape[0], int(gate.top_k),
-                               bool(getattr(gate, "norm_topk_prob", True))))
+        # DeepSeek's router keeps norm_topk_prob in the config only (Mixtral: always normalised)
+        normalize = getattr(gate, "norm_topk_prob", getattr(model.config, "norm_topk_prob", True))
+        layers.append(MoELayer(i, mlp, gate, gate.weight.shape[0], int(gate.top_k), bool(normalize),
+                               float(getattr(gate, "routed_scaling_factor", 1.0))))
     if not layers:
         raise ConvertError(f"{type(model).__name__} has no sparse MoE blocks edgemoe can compress")
     return layers
@@ -63,7 +68,7 @@ class MaskedRouter(nn.Module):
         top, idx = torch.topk(probs, self.layer.top_k, dim=-1)
         if self.layer.normalize:
             top = top / top.sum(-1, keepdim=True)
-        return logits, top.to(logits.dtype), idx
+        return logits, (top * self.layer.scale).to(logits.dtype), idx
 
 
 @contextlib.contextmanager
@@ -84,15 +89,25 @@ def dropped(layers: list[MoELayer], drops: dict[int, tuple[int, ...]]):
                 layer.block.gate = originals[layer.index]
 
 
+def streamed_layer(index: int, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                   top_k: int, normalize: bool, scale: float = 1.0, gating: str = "softmax") -> MoELayer:
+    """A MoELayer over plain tensors (no transformers model): router [E, D], gate_up [E, 2F, D]
+    (gate rows first), down [E, D, F] — what the layer-by-layer pipeline loads from the checkpoint."""
+    experts = SimpleNamespace(gate_up_proj=gate_up, down_proj=down)
+    block = SimpleNamespace(gate=SimpleNamespace(weight=router), experts=experts)
+    return MoELayer(index, block, block.gate, router.shape[0], top_k, normalize, scale, gating)
+
+
 def moe_output(layer: MoELayer, x: torch.Tensor, drop: tuple[int, ...] = ()) -> torch.Tensor:
     """The dense reference of the block's routed-expert output with `drop` removed. x: [N, D]."""
     logits = x @ layer.router.weight.T  # [N, E]
     if drop:
         logits[:, list(drop)] = float("-inf")
-    probs = torch.softmax(logits.float(), dim=-1)
+    probs = torch.softmax(logits.float(), dim=-1) if layer.gating == "softmax" else torch.sigmoid(logits.float())
     top, idx = torch.topk(probs, layer.top_k, dim=-1)
     if layer.normalize:
         top = top / top.sum(-1, keepdim=True)
+    top = top * layer.scale
     out = torch.zeros_like(x)
     for e in idx.unique().tolist():
         tok, slot = torch.nonzero(idx == e, as_tuple=True)

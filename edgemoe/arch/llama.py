@@ -5,6 +5,7 @@ The other architectures subclass `Attention` and `Model` and override only what 
 `neox`, `router_config`, `make_ffn`, `new_kv`."""
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -35,14 +36,30 @@ class ModelArgs:
     def from_gguf(cls, m: GGUFFile, rope_scalings: tuple[str, ...] = ()) -> "ModelArgs":
         """rope_scalings: RoPE scaling types (besides none) the calling architecture implements."""
         check_rope_scaling(m, rope_scalings)
-        n_heads = int(m.arch_field("attention.head_count"))
-        hidden = int(m.arch_field("embedding_length"))
-        head_dim = int(m.arch_field("attention.key_length", hidden // n_heads))
-        return cls(int(m.arch_field("block_count")), hidden, n_heads,
-                   int(m.arch_field("attention.head_count_kv", n_heads)), head_dim,
-                   int(m.arch_field("rope.dimension_count", head_dim)), float(m.arch_field("rope.freq_base", 10000.0)),
-                   float(m.arch_field("attention.layer_norm_rms_epsilon", 1e-5)),
-                   int(m.arch_field("expert_count", 0)), int(m.arch_field("expert_used_count", 0)))
+        num = functools.partial(_number, m)
+        n_heads = num("attention.head_count")
+        hidden = num("embedding_length")
+        head_dim = num("attention.key_length", hidden // n_heads)
+        args = cls(num("block_count"), hidden, n_heads, num("attention.head_count_kv", n_heads, low=1), head_dim,
+                   num("rope.dimension_count", head_dim, low=0), num("rope.freq_base", 10000.0, float),
+                   num("attention.layer_norm_rms_epsilon", 1e-5, float, low=0),
+                   num("expert_count", 0, low=0), num("expert_used_count", 0, low=0))
+        if (n_heads % args.n_kv_heads or args.rope_dim > head_dim or args.rope_dim % 2
+                or args.top_k > args.n_experts):
+            raise ModelFileError(f"{m.path}: inconsistent hyper-parameters (heads {n_heads}, kv heads {args.n_kv_heads}, "
+                                 f"head dim {head_dim}, rope dims {args.rope_dim}, experts {args.top_k} of "
+                                 f"{args.n_experts}); the file is corrupt, re-create it")
+        return args
+
+
+def _number(m: GGUFFile, name: str, default=None, kind=int, low=1):
+    """A numeric hyper-parameter `{arch}.{name}`, at least `low` (an error naming the file otherwise)."""
+    value = m.arch_field(name, default)
+    if value is None:
+        raise ModelFileError(f"{m.path} lacks metadata key '{m.arch}.{name}'; re-create it with `edgemoe convert`")
+    if isinstance(value, (str, bytes, list)) or not value >= low:
+        raise ModelFileError(f"{m.path}: {m.arch}.{name} = {value!r} is not a number >= {low}; the file is corrupt")
+    return kind(value)
 
 
 def check_rope_scaling(m: GGUFFile, supported: tuple[str, ...] = ()) -> None:
@@ -102,12 +119,13 @@ class Model:
         self.embed = Embedding(m, "token_embd.weight")
         out_name = "output.weight" if "output.weight" in m.tensors else "token_embd.weight"
         self.output = QLinear(m, out_name, backend)
-        self.norm = tensor_f32(m, "output_norm.weight")
+        hidden = (args.hidden_size,)
+        self.norm = tensor_f32(m, "output_norm.weight", hidden)
         self.layers = []
         for i in range(args.n_layers):
             p = f"blk.{i}."
-            self.layers.append((tensor_f32(m, p + "attn_norm.weight"), self.attention_class(m, i, args, backend),
-                                tensor_f32(m, p + "ffn_norm.weight"), self.make_ffn(m, i, backend, cache)))
+            self.layers.append((tensor_f32(m, p + "attn_norm.weight", hidden), self.attention_class(m, i, args, backend),
+                                tensor_f32(m, p + "ffn_norm.weight", hidden), self.make_ffn(m, i, backend, cache)))
 
     def make_ffn(self, m: GGUFFile, layer: int, backend: CpuBackend, cache: ExpertCache):
         """The FFN of `layer`: x [T, D] -> [T, D]. Here routed experts only."""

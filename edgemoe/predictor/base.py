@@ -46,7 +46,9 @@ class RoutingShape:
     @classmethod
     def of_blocks(cls, blocks, model: str = "") -> "RoutingShape":
         """From a model's MoE blocks (router [E, D], RouterConfig.top_k)."""
-        return cls(model, tuple(b.layer for b in blocks), int(blocks[0].router.shape[0]), int(blocks[0].cfg.top_k))
+        # pruned layers have fewer router rows: the widest layer sets the width (narrower ones are padded)
+        return cls(model, tuple(b.layer for b in blocks), max(int(b.router.shape[0]) for b in blocks),
+                   int(blocks[0].cfg.top_k))
 
 
 @dataclass(frozen=True)
