@@ -47,11 +47,19 @@ class EngineConfig:
     # predictor_path (None: embedded in the GGUF or beside the model, edgemoe.predictor.onnx_runtime)
     predictor: str = "router"
     predictor_path: str | None = None
+    # torch's intra-op threads, set process-wide when the engine opens (None: leave torch's setting).
+    # torch runs only small per-token ops here (norms, rope, attention, routing); the big matmuls are
+    # ggml's. With torch's default pool of one thread per core, each op waits on a spinning peer
+    # whenever another process holds a core: on 2 cores the demo decoded 65-75 tok/s with 2 torch
+    # threads vs 292 with 1 beside one busy process, and no slower with 1 when idle (docs/ENGINE.md).
+    torch_threads: int | None = 1
 
 
 class Engine:
     def __init__(self, path: str | Path, config: EngineConfig = EngineConfig()):
         self.path, self.config = Path(path), config
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
         self.file = GGUFFile(self.path)
         cls = model_class(self.file.arch)
         self.backend = CpuBackend(config.n_threads)
