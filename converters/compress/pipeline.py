@@ -29,6 +29,7 @@ from edgemoe.converters.compress.moe_view import MoELayer, moe_output
 from edgemoe.converters.compress.options import (METHODS, CompressError, CompressOptions, ModelShape,
                                                  check_against_model, check_options, check_report_path)
 from edgemoe.converters.compress.stream import Stream, open_stream
+from edgemoe.memory import return_large_frees_to_os
 
 # (stage, done, total, label): one progress bar per stage
 StageProgress = Callable[[str, int, int, str], None]
@@ -82,6 +83,7 @@ def compress(p: Prepared, on_progress: StageProgress | None = None, report_path:
     from edgemoe.converters.compress.export import CompressedModel, export_compressed
 
     start = time.perf_counter()
+    return_large_frees_to_os()  # layer-sized tensors come and go: keep peak memory bounded (memory.py)
     o = p.opts
     progress = on_progress or (lambda *a: None)
     report: dict = {"checkpoint": str(p.hf_dir), "options": o.as_dict(), "layers": {}, "blocks": []}
