@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from edgemoe.converters.compress.evaluate import Quality, compare, reference_logprobs
-from edgemoe.converters.compress.lowrank import Factors, apply_factors
+from edgemoe.converters.compress.lowrank import Factors, apply_factors, factors_by_layer
 from edgemoe.converters.compress.moe_view import dropped, moe_layers
 from edgemoe.converters.errors import ConvertError
 
@@ -58,9 +58,7 @@ def lora_recover(hf_dir, drops: dict[int, tuple[int, ...]], low_rank: dict[tuple
     held = _heldout(tok, opts, window)
     held_ref = reference_logprobs(model, held) if held is not None else None
     layers = moe_layers(model)
-    per_layer: dict[int, dict[int, dict[str, Factors]]] = {}
-    for (l, e, role), f in low_rank.items():
-        per_layer.setdefault(l, {}).setdefault(e, {})[role] = f
+    per_layer = factors_by_layer(low_rank)
     for layer in layers:
         apply_factors(layer, per_layer.get(layer.index, {}))
     adapters = _attach(model, opts.lora_rank, opts.seed)

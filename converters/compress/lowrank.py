@@ -86,6 +86,14 @@ def factor_bytes(factors: dict[int, dict[str, Factors]], bytes_per_value: float 
     return int(sum(f.a.numel() + f.b.numel() for ex in factors.values() for f in ex.values()) * bytes_per_value)
 
 
+def factors_by_layer(low_rank: dict[tuple[int, int, str], Factors]) -> dict[int, dict[int, dict[str, Factors]]]:
+    """(layer, expert, role) -> Factors regrouped as layer -> expert -> role, what apply_factors takes per layer."""
+    out: dict[int, dict[int, dict[str, Factors]]] = {}
+    for (layer, e, role), f in low_rank.items():
+        out.setdefault(layer, {}).setdefault(e, {})[role] = f
+    return out
+
+
 @torch.no_grad()
 def apply_factors(layer: MoELayer, factors: dict[int, dict[str, Factors]]) -> dict[int, tuple]:
     """Write the low-rank reconstructions into the model in place; returns the originals."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from edgemoe.converters.compress.evaluate import Quality, compare
-from edgemoe.converters.compress.lowrank import Factors, apply_factors
+from edgemoe.converters.compress.lowrank import Factors, apply_factors, factors_by_layer
 from edgemoe.converters.compress.stream import open_stream
 
 
@@ -23,17 +23,14 @@ def streamed_quality(conv, shape, drops: dict[int, tuple[int, ...]], low_rank: d
         x_ref = s.embed()
         x_cmp = x_ref.clone()
         moe_ids = s.moe_indices()
+        per_layer = factors_by_layer(low_rank)
         for i in range(s.n_layers):
             x_ref, x_cmp = s.attention(i, x_ref), s.attention(i, x_cmp)
             xr, xc = s.ffn_input(i, x_ref), s.ffn_input(i, x_cmp)
             moe = s.load_moe(i) if i in moe_ids else None
             x_ref += s.ffn(i, xr, moe)
             if moe is not None:
-                layer_factors: dict[int, dict[str, Factors]] = {}
-                for (l, e, role), f in low_rank.items():
-                    if l == i:
-                        layer_factors.setdefault(e, {})[role] = f
-                apply_factors(moe, layer_factors)
+                apply_factors(moe, per_layer.get(i, {}))
             x_cmp += s.ffn(i, xc, moe, drops.get(i, ()))
             del moe
             progress("eval", i + 1, s.n_layers, f"layer {i}")
