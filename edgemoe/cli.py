@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from edgemoe import commands
+from edgemoe.commands import convert, generate, measure, trace, tune
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--imatrix", choices=["auto", "always", "never"], default="never",
                    help="with --mixed: quantize experts with their importance matrices never (default: on the demo "
                         "model it did not lower held-out KL), always, or where calibration measured it better (auto)")
-    c.set_defaults(func=commands.convert_cmd)
+    c.set_defaults(func=convert.convert_cmd)
 
     _compress_parser(sub)
 
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Architecture, layers, experts per layer, tensor types, expert vs dense "
                                    "bytes, and whether stock llama.cpp can load the file.")
     i.add_argument("model", type=Path, help=".gguf file")
-    i.set_defaults(func=commands.inspect_cmd)
+    i.set_defaults(func=convert.inspect_cmd)
 
     e = sub.add_parser("eval", help="perplexity, KL divergence and top-1 agreement against a reference GGUF",
                        description="Run each model and the reference through the edgemoe engine on held-out "
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text", type=Path, default=None, help="evaluation text (.txt or .jsonl) instead of the demo's")
     e.add_argument("--windows", type=int, default=None, help="at most this many 256-token windows")
     e.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
-    e.set_defaults(func=commands.eval_cmd)
+    e.set_defaults(func=measure.eval_cmd)
 
     g = sub.add_parser("generate", help="generate text from a GGUF model",
                        description="Stream a continuation of a prompt. Without MODEL, the embedded demo model "
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the --prefetch default), prior (routing frequencies), none, learned (the .onnx beside the "
                         "model or embedded in it), or a FILE.onnx from `edgemoe predictor train`")
     g.add_argument("--stats", action="store_true", help="print cache statistics per token to stderr")
-    g.set_defaults(func=commands.generate_cmd)
+    g.set_defaults(func=generate.generate_cmd)
 
     ch = sub.add_parser("chat", help="chat in the terminal, with live expert-cache statistics",
                         description="A terminal chat (Textual) next to live statistics: tokens/s, hit rate "
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("-n", "--max-tokens", type=int, default=128, help="tokens per reply (default 128)")
     ch.add_argument("--seed", type=int, default=0)
     _engine_options(ch)
-    ch.set_defaults(func=commands.chat_cmd)
+    ch.set_defaults(func=generate.chat_cmd)
 
     t = sub.add_parser("trace", help="record a routing trace (experts chosen per token and layer)",
                        description="Generate from each prompt with the edgemoe engine and record which experts "
@@ -108,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-router-logits", action="store_true",
                    help="leave out the router look-ahead logits (edgemoe backend; they let `simulate "
                         "--compare-predictors` score router speculation, and make the file ~10x larger)")
-    t.set_defaults(func=commands.trace_cmd)
+    t.set_defaults(func=trace.trace_cmd)
 
     s = sub.add_parser("simulate", help="replay a routing trace through every cache policy and budget",
                        description="Hit rates and bytes read per token of each policy (lru, lfu, hybrid, random) "
@@ -123,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the first --policy (default lru): precision/recall, hit rate vs Belady, wasted bytes")
     s.add_argument("--predictor", type=Path, default=None, metavar="FILE.onnx",
                    help="the learned predictor to compare (implies --compare-predictors)")
-    s.set_defaults(func=commands.simulate_cmd)
+    s.set_defaults(func=trace.simulate_cmd)
     b = sub.add_parser("bench", help="edgemoe vs llama.cpp tokens/s on the same GGUF, at several budgets",
                        description="Prefill and decode tokens/s of llama.cpp and of the edgemoe engine at full "
                                    "expert budget and at smaller shares, measured side by side in one run; hit "
@@ -139,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prefetch", action="store_true")
     b.add_argument("--threads", type=int, default=None, help="threads for both backends (default: all cores)")
     b.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
-    b.set_defaults(func=commands.bench_cmd)
+    b.set_defaults(func=measure.bench_cmd)
 
     tu = sub.add_parser("tune", help="find the expert budget, policy and prefetch setting that run fastest under a "
                                      "memory cap, and write a profile for generate/chat",
@@ -168,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--ctx", type=int, default=512, help="context length the profile sets (default 512)")
     tu.add_argument("-o", "--out", type=Path, default=None, help="output folder (default ./tune-MODEL_NAME)")
     tu.add_argument("--all", action="store_true", help="list every setting in the table")
-    tu.set_defaults(func=commands.tune_cmd)
+    tu.set_defaults(func=tune.tune_cmd)
     _predictor_parsers(sub)
     return p
 
@@ -213,7 +214,7 @@ def _compress_parser(sub) -> None:
                    help="also measure held-out perplexity/KL/top-1 vs the original on TOKENS tokens (default: off)")
     c.add_argument("--report", type=Path, default=None, help="write every decision to this .json or .yaml file")
     c.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
-    c.set_defaults(func=commands.compress_cmd)
+    c.set_defaults(func=convert.compress_cmd)
 
 
 def _predictor_parsers(sub) -> None:
@@ -232,7 +233,7 @@ def _predictor_parsers(sub) -> None:
     t.add_argument("--hidden", type=int, default=128, help="hidden width of the MLP (default 128)")
     t.add_argument("--horizon", type=int, default=3, help="MoE layers ahead to predict (1-3, default 3)")
     t.add_argument("--seed", type=int, default=0)
-    t.set_defaults(func=commands.predictor_train_cmd)
+    t.set_defaults(func=measure.predictor_train_cmd)
     b = psub.add_parser("bench", help="tokens/s and cache counters per predictor at one budget",
                         description="Generate with prefetch off and with each predictor (interleaved runs), "
                                     "check that all produce the same tokens, and report decode tokens/s and hits.")
@@ -245,7 +246,7 @@ def _predictor_parsers(sub) -> None:
     b.add_argument("-n", "--max-tokens", type=int, default=64, help="tokens per prompt (default 64)")
     b.add_argument("--repeats", type=int, default=3, help="runs per predictor (default 3; the median is reported)")
     b.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
-    b.set_defaults(func=commands.predictor_bench_cmd)
+    b.set_defaults(func=measure.predictor_bench_cmd)
 
 
 def _engine_options(p: argparse.ArgumentParser) -> None:
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "profile", None) is not None:
-            commands.apply_profile(args, sys.argv[1:] if argv is None else argv)
+            tune.apply_profile(args, sys.argv[1:] if argv is None else argv)
         from edgemoe.converters.atomic import sigterm_as_interrupt
         with sigterm_as_interrupt(args.command in ("convert", "compress")):  # `kill` cleans up like Ctrl-C
             return args.func(args) or 0

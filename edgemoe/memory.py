@@ -55,6 +55,17 @@ def parse_bytes(text: str | int) -> int:
         raise ValueError(f"cannot read {text!r} as a byte size; write e.g. 2GB, 512MiB or 1500000000") from None
 
 
+def parse_budget(text: str, expert_bytes_total: int) -> int:
+    """'50%' (of all expert bytes), '8MiB', '2GB' or a plain byte count -> bytes."""
+    s = text.strip()
+    if s.endswith("%"):
+        try:
+            return int(expert_bytes_total * float(s[:-1]) / 100)
+        except ValueError:
+            raise ValueError(f"cannot read {text!r} as a share; write e.g. 50%") from None
+    return parse_bytes(s)
+
+
 def return_large_frees_to_os(threshold_bytes: int = 1 << 20) -> bool:
     """Serve allocations of at least `threshold_bytes` with mmap, so freeing them returns the
     memory at once. glibc raises its mmap threshold each time such a block is freed (up to 32 MiB),

@@ -35,7 +35,7 @@ def simulate(trace: Trace, budget_bytes: int, policy: str, seed: int = 0, decode
     """decode_only: prompt prefills (multi-token steps) are replayed but not counted.
 
     prefetch: per step, per layer, keys loaded as `ExpertCache.prefetch` would just before that
-    layer's demand accesses (aligned with trace.steps; `edgemoe.predictor.compare.schedule` builds
+    layer's demand accesses (aligned with trace.steps; `edgemoe.bench.predictor_compare.schedule` builds
     it). The engine's prefetch thread races its demand path, so with prefetch the replay
     approximates the engine rather than reproducing it."""
     seq = trace.demand_sequence()

@@ -9,7 +9,7 @@ import pytest
 from edgemoe.converters.convert import convert
 from edgemoe.demo import demo_gguf
 from edgemoe.engine import Engine, EngineConfig
-from edgemoe.quality import heldout_windows, kl_divergence, top1_agreement
+from edgemoe.bench.quality import heldout_windows, kl_divergence, top1_agreement
 
 N_MOE_LAYERS, TOP_K = 4, 2  # the demo model
 BEHIND = dict(dual_low_type="q2_k", dual_load_above=1.0, dual_background_load=True)  # every miss low, load behind

@@ -9,7 +9,7 @@ from edgemoe.converters.mixed import convert_mixed
 from edgemoe.demo import demo_gguf
 from edgemoe.engine import EngineConfig
 from edgemoe.models import demo_dir
-from edgemoe.quality import evaluate
+from edgemoe.bench.quality import evaluate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from edgemoe.predictor.base import Query, RoutingState
-from edgemoe.predictor.compare import compare_predictors, schedule
+from edgemoe.bench.predictor_compare import compare_predictors, schedule
 from edgemoe.predictor.base import RouterPredictor, RoutingShape
 from edgemoe.predictor.features import FeatureSpec
 from edgemoe.predictor.replay import queries, target

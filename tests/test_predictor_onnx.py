@@ -9,7 +9,7 @@ import torch
 
 from edgemoe.cli import main
 from edgemoe.predictor.base import PredictorError, RoutingShape
-from edgemoe.predictor.compare import compare_predictors
+from edgemoe.bench.predictor_compare import compare_predictors
 from edgemoe.predictor.onnx_runtime import GGUF_KEY, LearnedPredictor, beside_path, locate
 from edgemoe.predictor.replay import queries
 from edgemoe.predictor.train import train

@@ -7,8 +7,9 @@ import sys
 import pytest
 import yaml
 
-from edgemoe import cli, commands
-from edgemoe.profile import Profile, ProfileError, load_profile, save_profile
+from edgemoe import cli
+from edgemoe.commands import common, tune as tune_commands
+from edgemoe.tune.profile import Profile, ProfileError, load_profile, save_profile
 
 
 def _profile(model) -> Profile:
@@ -79,8 +80,8 @@ def test_not_a_profile(tmp_path):
 
 def _engine_config(argv):
     args = cli.build_parser().parse_args(argv)
-    commands.apply_profile(args, argv)
-    return args, commands.engine_config(args, args.model)
+    tune_commands.apply_profile(args, argv)
+    return args, common.engine_config(args, args.model)
 
 
 def test_generate_applies_the_profile(demo, tmp_path):

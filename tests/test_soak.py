@@ -1,4 +1,4 @@
-"""A CI-sized soak (edgemoe/soak.py): a minute of generation on the demo model at a quarter of
+"""A CI-sized soak (edgemoe/bench/soak.py): a minute of generation on the demo model at a quarter of
 its expert bytes (LRU, prefetch on, the engine reopened every few prompts) in a fresh process;
 after the warm-up, resident memory stays within a small bound and no file descriptor or thread is
 left behind. The 30-minute run and its numbers are in docs/RELIABILITY.md."""
@@ -22,7 +22,7 @@ RSS_GROWTH_MIB = 24.0
 
 @pytest.mark.slow
 def test_soak_has_no_growth_in_memory_fds_or_threads():
-    done = subprocess.run([sys.executable, "-m", "edgemoe.soak", "--minutes", str(SOAK_MINUTES), "--json",
+    done = subprocess.run([sys.executable, "-m", "edgemoe.bench.soak", "--minutes", str(SOAK_MINUTES), "--json",
                            "--sample-every", "2", "--reopen-every", "8", "--warmup-share", "0.5", "--max-rss-growth-mib", str(RSS_GROWTH_MIB)],
                           capture_output=True, text=True, timeout=60 * SOAK_MINUTES + 300)
     out = json.loads(done.stdout.strip().splitlines()[-1])

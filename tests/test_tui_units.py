@@ -6,7 +6,7 @@ from test_tui_fakes import EXPERT_BYTES, ScriptedChat
 
 from edgemoe.cli import main
 from edgemoe.events import CacheStats, StepEvent
-from edgemoe.tui.backends import parse_budget
+from edgemoe.memory import parse_budget
 from edgemoe.tui.generation import generate_reply
 from edgemoe.tui.prompt import Conversation, Sampling, Turn, Vocab, build_prompt, plain_text, read_sampling
 from edgemoe.tui.stats import StatsTracker

@@ -7,15 +7,16 @@ import json
 import pytest
 from rich.console import Console
 
-from edgemoe import cli, commands
-from edgemoe.profile import load_profile
+from edgemoe import cli
+from edgemoe.commands import common, tune as tune_commands
+from edgemoe.tune.profile import load_profile
 from edgemoe.simulate import simulate
 from edgemoe.trace import Trace
-from edgemoe.tune import DEFAULT_PROMPTS, TuneOptions, prefetch_schedule, tune
-from edgemoe.tune_plot import terminal_plot
-from edgemoe.tune_report import table, write_outputs
-from edgemoe.tune_run import RunRequest, measure, run_facts
-from edgemoe.tune_model import MemoryPlan
+from edgemoe.tune.sweep import DEFAULT_PROMPTS, TuneOptions, prefetch_schedule, tune
+from edgemoe.tune.plot import terminal_plot
+from edgemoe.tune.report import table, write_outputs
+from edgemoe.tune.runs import RunRequest, measure, run_facts
+from edgemoe.tune.cost_model import MemoryPlan
 
 # Without prefetch the replay reproduces the engine exactly. With prefetch the engine's loader
 # thread races its compute thread and the replay assumes every prefetch lands in time, so it is
@@ -110,8 +111,8 @@ def test_outputs_and_profile(capped, demo):
         (s.budget_bytes, s.policy, s.prefetch, res.threads)
     argv = ["generate", "--profile", str(written["profile"])]
     args = cli.build_parser().parse_args(argv)
-    commands.apply_profile(args, argv)
-    config = commands.engine_config(args, args.model)
+    tune_commands.apply_profile(args, argv)
+    config = common.engine_config(args, args.model)
     assert args.model.resolve() == demo.resolve()
     assert (config.budget_bytes, config.policy, config.prefetch, config.n_threads, config.n_ctx) == \
         (s.budget_bytes, s.policy, s.prefetch, res.threads, res.options.ctx)
@@ -159,7 +160,7 @@ def test_ctrl_c_keeps_what_was_gathered(demo, tmp_path):
 
 
 def test_cli_ctrl_c_writes_partial_results(demo, tmp_path, monkeypatch):
-    from edgemoe import tune_report
+    from edgemoe.tune import report as tune_report
 
     interrupt, stage = _InterruptAt("confirming"), tune_report.RichProgress.stage
 
@@ -174,8 +175,8 @@ def test_cli_ctrl_c_writes_partial_results(demo, tmp_path, monkeypatch):
 
 
 def test_a_failing_run_keeps_what_was_gathered(demo, tmp_path, monkeypatch):
-    from edgemoe import tune as tune_module
-    from edgemoe.tune_run import RunFailed
+    from edgemoe.tune import sweep as tune_module
+    from edgemoe.tune.runs import RunFailed
 
     calls, real = [], tune_module.run_measure
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from edgemoe.simulate import SimResult
-from edgemoe.tune import budget_grid
-from edgemoe.tune_model import (SLACK_BYTES, CostModel, MemoryPlan, Row, Setting, calibrate, calibrate_prefetch, recommend,
+from edgemoe.tune.sweep import budget_grid
+from edgemoe.tune.cost_model import (SLACK_BYTES, CostModel, MemoryPlan, Row, Setting, calibrate, calibrate_prefetch, recommend,
                                 to_confirm)
-from edgemoe.tune_run import RunResult
+from edgemoe.tune.runs import RunResult
 
 MIB = 2**20
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from edgemoe.tune import TuneOptions, tune
-from edgemoe.tune_model import MemoryPlan
-from edgemoe.tune_run import run_facts
+from edgemoe.tune.sweep import TuneOptions, tune
+from edgemoe.tune.cost_model import MemoryPlan
+from edgemoe.tune.runs import run_facts
 from test_tune import PREFETCH_HIT_ABOVE, PREFETCH_HIT_MARGIN
 
 

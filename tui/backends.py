@@ -14,7 +14,7 @@ from pathlib import Path
 from edgemoe.events import CacheStats, StepEvent
 from edgemoe.gguf_file import GGUFFile
 from edgemoe.inspect_model import ModelSummary, summarize
-from edgemoe.memory import parse_bytes, peak_rss_bytes
+from edgemoe.memory import parse_budget, peak_rss_bytes
 from edgemoe.tui.prompt import Sampling, Vocab
 
 LIVE_POLICIES = ("lru", "lfu", "hybrid", "random")  # belady needs a recorded future: not switchable live
@@ -63,17 +63,6 @@ def vocab_of(model: GGUFFile, encode) -> Vocab:
         return str(tokens[int(i)]) if i is not None and 0 <= int(i) < len(tokens) else ""
 
     return Vocab(encode, text("tokenizer.ggml.bos_token_id"), text("tokenizer.ggml.eos_token_id"), str(template))
-
-
-def parse_budget(text: str, expert_bytes_total: int) -> int:
-    """'50%' (of all expert bytes), '8MiB', '2GB' or a plain byte count -> bytes."""
-    s = text.strip()
-    if s.endswith("%"):
-        try:
-            return int(expert_bytes_total * float(s[:-1]) / 100)
-        except ValueError:
-            raise ValueError(f"cannot read {text!r} as a share; write e.g. 50%") from None
-    return parse_bytes(s)
 
 
 class _OneStream:

@@ -7,8 +7,8 @@ will route to, early enough to load them).
     model.py         the MLP; train.py fits it on traces and exports ONNX (metadata: routing shape)
     onnx_runtime.py  LearnedPredictor: the ONNX file run by onnxruntime; where the file lives
     select.py        the engine's choice, with the fallback when a file is unusable
-    replay.py        a trace as the prefetcher sees it; compare.py scores predictors on a trace
-    bench.py         end-to-end tokens/s per predictor; report.py the tables; prompts.py corpus prompts
+    replay.py        a trace as the prefetcher sees it; prompts.py corpus prompts
+Scoring predictors on a trace and end-to-end tokens/s per predictor are measuring tools:
+edgemoe/bench/predictor_compare.py, predictors.py, predictor_report.py.
 """
 from edgemoe.predictor.base import PREDICTORS, PredictorError, RoutingShape, make_predictor  # noqa: F401
-from edgemoe.predictor.compare import PredictorResult, compare_predictors  # noqa: F401

@@ -10,7 +10,8 @@ from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select, Static
 
-from edgemoe.tui.backends import LIVE_POLICIES, parse_budget
+from edgemoe.memory import parse_budget
+from edgemoe.tui.backends import LIVE_POLICIES
 from edgemoe.tui.prompt import Sampling, read_sampling
 from edgemoe.tui.widgets.stats_view import fmt_bytes
 

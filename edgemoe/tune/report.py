@@ -10,9 +10,9 @@ from pathlib import Path
 from rich.table import Table
 
 from edgemoe import __version__
-from edgemoe.profile import Profile, save_profile
-from edgemoe.tune import TuneResult
-from edgemoe.tune_model import Row, order_key
+from edgemoe.tune.profile import Profile, save_profile
+from edgemoe.tune.sweep import TuneResult
+from edgemoe.tune.cost_model import Row, order_key
 
 MIB = 2**20
 
@@ -170,7 +170,7 @@ def write_outputs(res: TuneResult, out_dir: Path, plot: bool = True) -> dict[str
     (out_dir / "tune.json").write_text(json.dumps(result_dict(res), indent=1))
     written["results"] = out_dir / "tune.json"
     if plot and any(r.predicted_tps for r in res.rows):
-        from edgemoe.tune_plot import save_png
+        from edgemoe.tune.plot import save_png
         written["plot"] = save_png(res, out_dir / "tune.png")
     return written
 

@@ -1,6 +1,6 @@
 """One measured generation run for `edgemoe tune`, in this process or a fresh one.
 
-A fresh process per run (`python -m edgemoe.tune_run REQUEST_JSON`) gives each run a clean
+A fresh process per run (`python -m edgemoe.tune.runs REQUEST_JSON`) gives each run a clean
 peak RSS and the same starting state. `facts` measures what the memory formula needs: the
 runtime's own RSS before any model is opened, dense bytes and KV-cache bytes.
 """
@@ -119,7 +119,7 @@ class RunFailed(RuntimeError):
 
 def in_subprocess(mode: str, payload: dict) -> dict:
     """Run `mode` ("measure" or "facts") in a fresh Python; its last stdout line is the JSON result."""
-    done = subprocess.run([sys.executable, "-m", "edgemoe.tune_run", json.dumps({"mode": mode, **payload})],
+    done = subprocess.run([sys.executable, "-m", "edgemoe.tune.runs", json.dumps({"mode": mode, **payload})],
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise RunFailed(f"measuring run ({mode}) failed with exit code {done.returncode}:\n"

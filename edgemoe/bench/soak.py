@@ -4,8 +4,8 @@ threads, sampled from /proc. The engine is also closed and reopened every few pr
 chat session that switches models does), so a handle or ggml context left behind by `close`
 shows up too.
 
-    python -m edgemoe.soak --minutes 30            # the benchmark (docs/RELIABILITY.md)
-    python -m edgemoe.soak --minutes 1 --json      # what tests/test_soak.py runs
+    python -m edgemoe.bench.soak --minutes 30            # the benchmark (docs/RELIABILITY.md)
+    python -m edgemoe.bench.soak --minutes 1 --json      # what tests/test_soak.py runs
 
 Growth is measured from the end of the warm-up (allocator pools, torch and ggml first-use
 buffers fill during it) to the end of the run.
@@ -141,7 +141,7 @@ def soak(model: str | Path, seconds: float, budget_share: float = 0.25, policy: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m edgemoe.soak", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m edgemoe.bench.soak", description=__doc__.split("\n\n")[0])
     p.add_argument("model", nargs="?", help=".gguf file (default: the demo model)")
     p.add_argument("--minutes", type=float, default=30.0)
     p.add_argument("--budget-share", type=float, default=0.25, help="share of all expert bytes (default 0.25)")

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from edgemoe.predictor.bench import PredictorRun
-from edgemoe.predictor.compare import PredictorResult
+from edgemoe.bench.predictors import PredictorRun
+from edgemoe.bench.predictor_compare import PredictorResult
 
 
 def _pct(x: float | None) -> str:

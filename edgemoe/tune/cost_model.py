@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from edgemoe.simulate import SimResult
-from edgemoe.tune_run import RunResult
+from edgemoe.tune.runs import RunResult
 
 # what an opened engine adds beyond runtime + dense + budget + KV (tokenizer vocab, malloc arenas,
 # the prefetch thread): measured 64 MiB without prefetch and 67 MiB with it on the demo model in a

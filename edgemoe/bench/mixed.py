@@ -1,13 +1,13 @@
 """Mixed precision vs uniform quantisation at equal expert bytes on the demo model, and dual
 precision at small budgets (the tables in docs/BENCHMARKS.md).
 
-    python -m edgemoe.mixed_bench [--windows N] [--dual] [--slice] [--threads 1]
+    python -m edgemoe.bench.mixed [--windows N] [--dual] [--slice] [--threads 1]
 
 Quality: the demo checkpoint calibrated on 8192 tokens of the train split (imatrix "never", the
 default, and once more with "auto"), then every variant written in the extended layout with
 dense tensors in q8_0: uniform q2_k / q3_k / q4_k (imatrix never / always / auto) and mixed at
 each uniform file's expert bytes (imatrix never / auto) and in between (never); each evaluated
-against the f32 conversion on the held-out split (edgemoe.quality). Dual precision: the demo
+against the f32 conversion on the held-out split (edgemoe.bench.quality). Dual precision: the demo
 q8_0 file (and with --slice the Mixtral-shaped slice) at 50% / 25% budgets, teacher-forced
 decoding of held-out text, without low copies and in each dual mode.
 """
@@ -24,7 +24,7 @@ from edgemoe.converters.mixed import convert_mixed, experts_bytes
 from edgemoe.demo import demo_gguf
 from edgemoe.models import demo_dir
 from edgemoe.models.cache import cache_dir
-from edgemoe.quality import evaluate
+from edgemoe.bench.quality import evaluate
 
 UNIFORM = ("q2_k", "q3_k", "q4_k")
 BETWEEN_BITS = (3.0, 4.0)  # mixed budgets between the uniform types' bits per weight
@@ -88,7 +88,7 @@ def dual_rows(path: Path, n_threads: int, n_tokens: int = 128, shares=(0.5, 0.25
     """Teacher-forced decoding of held-out text (one token per forward pass): tokens/s, hits,
     share of token x expert slots served low, KL vs the full budget, without and with q2_k copies."""
     from edgemoe.engine import Engine, EngineConfig
-    from edgemoe.quality import heldout_windows, teacher_forced_logits
+    from edgemoe.bench.quality import heldout_windows, teacher_forced_logits
 
     full = Engine(path, EngineConfig(n_threads=n_threads))
     tokens = heldout_windows(full.tokenizer, window=n_tokens, max_windows=1)[0]
@@ -114,7 +114,7 @@ def dual_rows(path: Path, n_threads: int, n_tokens: int = 128, shares=(0.5, 0.25
 
 
 def _dual_row(engine, tokens: list[int], ref, share: float, label: str) -> dict:
-    from edgemoe.quality import kl_divergence, teacher_forced_logits
+    from edgemoe.bench.quality import kl_divergence, teacher_forced_logits
 
     t0 = time.perf_counter()
     logits, stats = teacher_forced_logits(engine, tokens)

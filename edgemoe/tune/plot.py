@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgemoe.tune import TuneResult
+from edgemoe.tune.sweep import TuneResult
 
 MIB = 2**20
 MARKERS = {"lru": "L", "lfu": "F", "hybrid": "H", "random": "R", "belady": "B"}

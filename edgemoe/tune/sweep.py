@@ -20,13 +20,13 @@ from pathlib import Path
 
 from edgemoe.expert_store import find_experts
 from edgemoe.gguf_file import GGUFFile
-from edgemoe.machine import MachineInfo, probe_machine
-from edgemoe.profile import SELECTABLE_POLICIES
+from edgemoe.tune.machine import MachineInfo, probe_machine
+from edgemoe.tune.profile import SELECTABLE_POLICIES
 from edgemoe.simulate import simulate
 from edgemoe.trace import Trace
-from edgemoe.tune_model import (CostModel, MemoryPlan, Row, Setting, calibrate, calibrate_prefetch, recommend,
+from edgemoe.tune.cost_model import (CostModel, MemoryPlan, Row, Setting, calibrate, calibrate_prefetch, recommend,
                                 to_confirm)
-from edgemoe.tune_run import ModelFacts, RunFailed, RunRequest, RunResult, run_facts, run_measure
+from edgemoe.tune.runs import ModelFacts, RunFailed, RunRequest, RunResult, run_facts, run_measure
 
 DEFAULT_SHARES = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125)
 DEFAULT_PROMPTS = (
@@ -203,7 +203,7 @@ def prefetch_schedule(trace: Trace, predictor: str | None = None) -> list:
     step and layer, replayed from the trace's routing and router look-ahead logits."""
     from edgemoe.engine import EngineConfig
     from edgemoe.predictor.base import RoutingShape, make_predictor
-    from edgemoe.predictor.compare import schedule
+    from edgemoe.bench.predictor_compare import schedule
 
     name = predictor or EngineConfig().predictor
     return schedule(trace, make_predictor(name, RoutingShape.of_trace(trace))).loads

@@ -1,0 +1,65 @@
+"""Pieces every command family shares: the model path, engine options, budgets, prompt files."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from edgemoe.gguf_file import GGUFFile
+
+
+def model_path(path):
+    """The model file a command runs: the one given, or the embedded demo model."""
+    if path is not None:
+        return path
+    from edgemoe.demo import demo_gguf
+    return demo_gguf()
+
+
+def expert_bytes_total(path) -> int:
+    from edgemoe.expert_store import find_experts
+
+    return sum(s.alloc_bytes for s in find_experts(GGUFFile(path)).values())
+
+
+def read_prompts(path: Path) -> list[str]:
+    """One prompt per non-blank line of a UTF-8 file."""
+    return [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def engine_config(args: argparse.Namespace, path) -> "EngineConfig":
+    """--budget/--policy/--trace/--prefetch/--threads/--ctx -> EngineConfig."""
+    from edgemoe.engine import EngineConfig
+    from edgemoe.memory import parse_budget
+
+    budget = None
+    if args.budget:
+        budget = parse_budget(args.budget, expert_bytes_total(path) if args.budget.strip().endswith("%") else 0)
+    future = None
+    if args.policy == "belady":
+        if args.trace is None:
+            raise ValueError("--policy belady needs --trace TRACE (the future accesses); record one with `edgemoe trace`")
+        from edgemoe.trace import Trace
+        future = tuple(Trace.load(args.trace).demand_sequence())
+    predictor, predictor_path = predictor_choice(getattr(args, "predictor", None))
+    return EngineConfig(budget_bytes=budget, policy=args.policy, prefetch=args.prefetch or predictor is not None,
+                        n_threads=args.threads, n_ctx=args.ctx, seed=getattr(args, "seed", 0), future=future,
+                        dual_low_type=getattr(args, "dual_low", None),
+                        dual_load_above=getattr(args, "dual_load_above", 0.5),
+                        dual_background_load=getattr(args, "dual_background_load", False),
+                        predictor=predictor or "router", predictor_path=predictor_path)
+
+
+def predictor_choice(value) -> tuple[str | None, str | None]:
+    """--predictor NAME|FILE -> (EngineConfig.predictor, predictor_path); (None, None) if not given."""
+    from edgemoe.predictor.base import PREDICTORS
+
+    if value is None:
+        return None, None
+    return (str(value), None) if str(value) in PREDICTORS else ("learned", str(value))
+
+
+def routing_tap(path):
+    from edgemoe.llama_backend import RoutingTap
+
+    model = GGUFFile(path)
+    return RoutingTap(int(model.arch_field("expert_used_count", 1)), int(model.arch_field("expert_count", 1)))
