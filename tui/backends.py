@@ -14,7 +14,7 @@ from pathlib import Path
 from edgemoe.events import CacheStats, StepEvent
 from edgemoe.gguf_file import GGUFFile
 from edgemoe.inspect_model import ModelSummary, summarize
-from edgemoe.memory import parse_budget, peak_rss_bytes
+from edgemoe.memory import peak_rss_bytes
 from edgemoe.tui.prompt import Sampling, Vocab
 
 LIVE_POLICIES = ("lru", "lfu", "hybrid", "random")  # belady needs a recorded future: not switchable live

@@ -10,8 +10,11 @@
 """
 from __future__ import annotations
 
+
 def user_errors() -> tuple[type[Exception], ...]:
     """Exceptions shown as a one-line error (no traceback): bad input the user can fix."""
+    from edgemoe.converters.errors import ConvertError
+    from edgemoe.gguf_file import ModelFileError
     from edgemoe.residency import BudgetError
     from edgemoe.trace import TraceError
 

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgemoe.gguf_file import GGUFFile
+
+if TYPE_CHECKING:
+    from edgemoe.engine import EngineConfig
 
 
 def model_path(path):

@@ -52,7 +52,7 @@ def _convert_mixed(args: argparse.Namespace, console: Console, on_progress, on_s
 
 def compress_cmd(args: argparse.Namespace) -> int:
     from edgemoe.converters.compress.options import CompressOptions
-    from edgemoe.converters.compress.pipeline import compress, prepare, write_report
+    from edgemoe.converters.compress.pipeline import compress, prepare
 
     opts = CompressOptions(prune=args.prune, rank_ratio=args.rank_ratio, svd=args.svd, method=args.method,
                            population=args.population, generations=args.generations, crossover=args.crossover,
