@@ -261,6 +261,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", choices=["auto", "f32", "bf16"], default="auto",
                         help="matmul precision while training (auto: the faster one, measured)")
     args = parser.parse_args(argv)
+    from edgemoe.extras import missing_extra
+
+    if message := missing_extra("train", "training the demo model"):
+        raise SystemExit(f"error: {message}")
     train_demo(args.out, args.minutes, args.seed, args.steps, args.precision)
 
 

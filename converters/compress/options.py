@@ -96,6 +96,11 @@ def check_options(o: CompressOptions) -> None:
     if o.lora_steps < 0 or o.lora_rank < 1 or o.lora_lr <= 0:
         raise CompressError(f"--lora-steps {o.lora_steps} --lora-rank {o.lora_rank}: steps must be >= 0, "
                             "rank >= 1 and the learning rate > 0")
+    if o.lora_steps:
+        from edgemoe.extras import missing_extra
+
+        if message := missing_extra("train", f"--lora-steps {o.lora_steps} (the fine-tune runs the HF model)"):
+            raise CompressError(message)
     if o.eval_tokens < 0:
         raise CompressError(f"--eval-tokens {o.eval_tokens} must be >= 0")
     if o.prune == 0 and o.rank_ratio == 1 and o.lora_steps == 0:
