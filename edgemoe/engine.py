@@ -84,6 +84,10 @@ class Engine:
             from edgemoe.prefetch import Prefetcher
             predictor, self.warnings = engine_predictor(self, config.predictor, config.predictor_path)
             self.prefetcher = Prefetcher(self.model, self.cache, predictor)
+        # the generation KV cache, kept between calls, and the tokens whose K/V it holds at
+        # positions 0..len-1 (stream_generate's reuse_kv continues from their common prefix)
+        self._kv = None
+        self._kv_ids: list[int] = []
 
     @property
     def expert_bytes_total(self) -> int:
@@ -102,44 +106,60 @@ class Engine:
             return self.model.forward(tokens, kv, 0, all_logits=True).numpy()
 
     def stream_generate(self, prompt: str | list[int], max_tokens: int = 64, temperature: float = 0.0,
-                        top_p: float = 1.0, stop_at_eos: bool = True) -> Iterator[StepEvent]:
+                        top_p: float = 1.0, stop_at_eos: bool = True, *, seed: int | None = None,
+                        reuse_kv: bool = False) -> Iterator[StepEvent]:
         """One event per generated token. Event i carries the cache statistics of the forward
-        pass whose logits chose token i (event 0: the prompt's prefill)."""
+        pass whose logits chose token i (event 0: the prompt's prefill).
+
+        `reuse_kv`: keep the K/V of the longest common prefix of this prompt and the tokens the
+        previous generation left in the KV cache (n_past = that length), and prefill only the
+        rest (a chat turn or a request that extends the last one). Off by default: measuring
+        tools (bench, tune, trace) want every prompt prefilled whole. `seed`: this call's
+        sampling seed (default: the config's)."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if len(ids) + max_tokens > self.config.n_ctx:
             raise ValueError(f"prompt ({len(ids)} tokens) + {max_tokens} new tokens exceed the context "
                              f"of {self.config.n_ctx}; raise --ctx or shorten the prompt")
-        kv = self.model.new_kv(self.config.n_ctx)
-        rng = torch.Generator().manual_seed(self.config.seed)
+        if self._kv is None:
+            self._kv = self.model.new_kv(self.config.n_ctx)
+        kv = self._kv
+        # at least the last prompt token is forwarded: its logits choose the first new token
+        n_past = max(min(common_prefix(self._kv_ids, ids), len(ids) - 1), 0) if reuse_kv else 0
+        self._kv_ids = ids[:n_past]  # positions >= n_past are overwritten from here on
+        rng = torch.Generator().manual_seed(self.config.seed if seed is None else seed)
         start = time.perf_counter()
         pending, history = b"", list(ids)
         first_token_s = None
         with torch.no_grad():
             self.cache.check_file()  # dense weights are mapped from the file: never touch a truncated one
-            logits = self.model.forward(ids, kv, 0)[-1]
+            logits = self.model.forward(ids[n_past:], kv, n_past)[-1]
+            self._kv_ids = list(ids)
             for i in range(max_tokens):
                 if i > 0:
                     self.cache.check_file()
                     logits = self.model.forward([history[-1]], kv, len(history) - 1)[-1]
+                    self._kv_ids.append(history[-1])
                 token = sample(logits, temperature, top_p, rng)
                 now = time.perf_counter()
                 first_token_s = first_token_s if first_token_s is not None else now
-                finished = (stop_at_eos and token == self.tokenizer.eos) or i == max_tokens - 1
+                eos = stop_at_eos and token == self.tokenizer.eos
+                finish = "stop" if eos else "length" if i == max_tokens - 1 else ""
                 text = ""
-                if not (stop_at_eos and token == self.tokenizer.eos):
+                if not eos:
                     pending += self.tokenizer.decode_bytes([token], prev=history)
                     text, pending = split_complete_utf8(pending)
                 history.append(token)
                 # decode speed excludes the prefill: tokens after the first over the time since it
                 tps = i / (now - first_token_s) if i > 0 and now > first_token_s else 0.0
-                yield self._event(i, token, text, now - start, tps, finished)
-                if finished:
+                yield self._event(i, token, text, now - start, tps, finish, len(ids), n_past)
+                if finish:
                     return
 
-    def _event(self, index: int, token: int, text: str, elapsed_s: float, tps: float, finished: bool) -> StepEvent:
+    def _event(self, index: int, token: int, text: str, elapsed_s: float, tps: float, finish: str,
+               prompt_tokens: int, kv_reused_tokens: int) -> StepEvent:
         routing = tuple(tuple(b.last_ids[-1].tolist()) if b.last_ids is not None else () for b in self.model.moe_blocks)
         return StepEvent(index, token, text, elapsed_s, tps, self.cache.step_stats(), peak_rss_bytes(), routing,
-                         finished)
+                         bool(finish), finish, prompt_tokens, kv_reused_tokens)
 
     def residency(self) -> CacheStats:
         """Resident set and budget now, leaving the step counters to the next event: a live view
@@ -154,10 +174,21 @@ class Engine:
                           resident_bytes_per_layer=tuple(per_layer), resident_experts=keys)
 
     def close(self) -> None:
+        self._kv, self._kv_ids = None, []
         if self.prefetcher:
             self.prefetcher.close()
         self.cache.close()
         self.backend.close()
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, rng: torch.Generator) -> int:

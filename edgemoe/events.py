@@ -51,3 +51,6 @@ class StepEvent:
     peak_rss_bytes: int = 0
     routing: tuple[tuple[int, ...], ...] = ()  # per layer: experts chosen for this step's last token
     finished: bool = False
+    finish_reason: str = ""      # on the last event: "stop" (end-of-sequence token) or "length" (max tokens)
+    prompt_tokens: int = 0       # tokens in this generation's prompt
+    kv_reused_tokens: int = 0    # of those, tokens whose K/V were kept from the previous generation (not prefilled)
