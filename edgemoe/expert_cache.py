@@ -25,7 +25,8 @@ import time
 
 from edgemoe.dual import LowCopies
 from edgemoe.events import CacheStats
-from edgemoe.expert_store import ExpertSpec, ResidentExpert, read_expert
+from edgemoe.expert_loader import ExpertLoader, spec_ranges
+from edgemoe.expert_store import ExpertSpec, ResidentExpert, expert_buffer
 from edgemoe.gguf_file import ExpertReadError, ModelFileChanged, ModelFileError
 from edgemoe.policies import Key, Policy
 from edgemoe.residency import BudgetError, Residency  # noqa: F401  (BudgetError re-exported)
@@ -70,6 +71,7 @@ class ExpertCache:
         st = os.fstat(self.fd)
         self.file_size, self._file_mtime_ns = st.st_size, st.st_mtime_ns
         self.file_changed: str | None = None  # set once the file is seen truncated or rewritten: sticky
+        self.loader = ExpertLoader(self.path)  # parallel chunked reads (edgemoe/expert_loader.py)
         self.cond = threading.Condition()
         self.experts: dict[Key, ResidentExpert] = {}
         self.loading: set[Key] = set()
@@ -174,7 +176,10 @@ class ExpertCache:
         try:
             self.check_file()
             try:
-                return read_expert(self.fd, self.specs[key], self.file_size)
+                spec = self.specs[key]
+                buffer = expert_buffer(spec)
+                self.loader.read_into(spec_ranges(spec), buffer)
+                return ResidentExpert(spec, buffer)
             except ModelFileError as exc:
                 self.check_file()  # a short read: say so if the file changed under us
                 raise ModelFileError(f"{self.path}: {exc}") from exc
@@ -299,6 +304,7 @@ class ExpertCache:
             if self.fd >= 0:
                 os.close(self.fd)
                 self.fd = -1
+                self.loader.close()
 
     def __del__(self):
         try:

@@ -209,12 +209,18 @@ class ResidentExpert:
             w.close()
 
 
-def read_expert(fd: int, spec: ExpertSpec, file_size: int) -> ResidentExpert:
-    """pread `spec` into one fresh aligned buffer: one read for a contiguous expert, else one per
-    part (releases the GIL while reading)."""
-    size, positions = spec.layout()
+def expert_buffer(spec: ExpertSpec) -> np.ndarray:
+    """Fresh aligned memory for one resident copy of `spec` (its parts at `spec.layout()`)."""
     buffer = aligned_empty(spec.alloc_bytes - 64)
     assert buffer.ctypes.data % ALIGNMENT == 0
+    return buffer
+
+
+def read_expert(fd: int, spec: ExpertSpec, file_size: int) -> ResidentExpert:
+    """pread `spec` into one fresh aligned buffer, in this thread: one read for a contiguous
+    expert, else one per part (tools and probes; the caches read through ExpertLoader)."""
+    size, positions = spec.layout()
+    buffer = expert_buffer(spec)
     if spec.contiguous:
         _pread(fd, buffer[:size], spec.parts[0].offset, file_size, f"expert {spec.key}")
     else:

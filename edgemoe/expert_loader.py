@@ -1,0 +1,220 @@
+"""ExpertLoader: one expert read path for both runtimes — parallel chunked reads into memory the
+caller owns.
+
+Why: one buffered pread stream reads ~1.4 GB/s on the test machine and one O_DIRECT stream
+~0.77 GB/s, while four parallel O_DIRECT streams of 8 MiB chunks reach ~2.8 GB/s (queue depth
+decides, docs/ENGINE.md). So every read is cut into chunks that a fixed pool of threads issues
+at once (`os.preadv` releases the GIL), O_DIRECT wherever the file offset and the destination
+address are congruent modulo the block size (the aligned interior; unaligned heads and tails,
+and incongruent ranges, read buffered). Nothing is allocated per read: bytes land straight in
+the caller's buffer (an expert cache slot, an arena), so there is no second copy.
+
+    loader = ExpertLoader(path)
+    loader.read_into(spec_ranges(spec), dest)                   # one destination
+    loader.read_many([(ranges_a, dest_a), (ranges_b, dest_b)])  # several, all chunks in flight together
+    loader.stats()  # bytes read, busy seconds, achieved bytes/s, share read with O_DIRECT
+
+A range is (file offset, nbytes, offset in dest). `dest` is any writable buffer (numpy array,
+mmap, bytearray, memoryview) or `memory_at(address, nbytes)` for raw memory.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from edgemoe.gguf_file import ModelFileError
+
+BLOCK_BYTES = 4096         # O_DIRECT alignment of offset, address and length (the page: safe on every device)
+CHUNK_BYTES = 8 * 2**20    # measured: 8 MiB chunks x 4 streams reach the disk's parallel bandwidth
+READ_THREADS = 4           # the queue depth; the issue's probe: 4 O_DIRECT streams 2.8 GB/s vs 1 at 0.77
+
+Range = tuple[int, int, int]  # (file offset, nbytes, offset in the destination buffer)
+
+
+def memory_at(address: int, nbytes: int) -> memoryview:
+    """A writable byte view of raw memory (the caller keeps it mapped while the view is used)."""
+    return memoryview((ctypes.c_char * nbytes).from_address(address)).cast("B")
+
+
+def _address(view: memoryview) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(view)) if view.nbytes else 0
+
+
+@dataclass(frozen=True)
+class LoaderStats:
+    bytes_read: int
+    direct_bytes: int   # of bytes_read, read with O_DIRECT
+    busy_s: float       # wall time with at least one read in flight
+    reads: int          # read_into / read_many requests served
+
+    @property
+    def bandwidth_bps(self) -> float:
+        return self.bytes_read / self.busy_s if self.busy_s > 0 else 0.0
+
+
+class _Batch:
+    def __init__(self, n: int):
+        self.left, self.error = n, None
+        self.done = threading.Event()
+        if n == 0:
+            self.done.set()
+
+
+class ExpertLoader:
+    def __init__(self, path: str | os.PathLike, threads: int = READ_THREADS, chunk_bytes: int = CHUNK_BYTES,
+                 direct: bool = True):
+        if chunk_bytes <= 0 or chunk_bytes % BLOCK_BYTES:
+            raise ValueError(f"chunk_bytes must be a positive multiple of {BLOCK_BYTES}, not {chunk_bytes}")
+        self.path, self.chunk_bytes = os.fspath(path), chunk_bytes
+        self.fd = os.open(self.path, os.O_RDONLY)
+        self.file_size = os.fstat(self.fd).st_size
+        self.direct_fd = -1
+        if direct and hasattr(os, "O_DIRECT"):
+            try:  # some filesystems (older tmpfs, some FUSE) refuse O_DIRECT: buffered reads then
+                self.direct_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+            except OSError:
+                self.direct_fd = -1
+        self._lock = threading.Lock()
+        self._bytes = self._direct = self._reads = 0
+        self._busy_s, self._active, self._since = 0.0, 0, 0.0
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, name=f"edgemoe-read-{i}", daemon=True)
+                         for i in range(max(threads, 1))]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def direct(self) -> bool:
+        return self.direct_fd >= 0
+
+    # ---- requests ---------------------------------------------------------------------------
+    def read_into(self, ranges: Iterable[Range], dest) -> int:
+        """Fill `dest` from the file by `ranges`; returns the bytes read. Raises OSError (the
+        first failed chunk's) or ModelFileError (a range past the end, a short read)."""
+        return self.read_many([(ranges, dest)])
+
+    def read_many(self, requests: Sequence[tuple[Iterable[Range], object]]) -> int:
+        """Several destinations at once: all their chunks are in flight together (small experts
+        need this to keep the queue full). Returns the bytes read."""
+        jobs: list[tuple[int, memoryview, int]] = []
+        for ranges, dest in requests:
+            view = memoryview(dest).cast("B")
+            if view.readonly:
+                raise ValueError("ExpertLoader needs a writable destination buffer")
+            base = _address(view)
+            for offset, nbytes, pos in ranges:
+                if offset < 0 or nbytes < 0 or pos < 0 or pos + nbytes > view.nbytes:
+                    raise ValueError(f"range ({offset}, {nbytes}) -> {pos} does not fit a {view.nbytes}-byte buffer")
+                if offset + nbytes > self.file_size:
+                    raise ModelFileError(f"bytes {offset}..{offset + nbytes} lie beyond the end of the model file "
+                                         f"({self.file_size} bytes); the file was truncated")
+                jobs.extend(self._chunks(view, base, offset, nbytes, pos))
+        batch = _Batch(len(jobs))
+        self._begin()
+        try:
+            for fd, into, offset in jobs:
+                self._jobs.put((batch, fd, into, offset))
+            batch.done.wait()
+        finally:
+            self._end(sum(v.nbytes for _, v, _ in jobs), sum(v.nbytes for fd, v, _ in jobs if fd == self.direct_fd))
+        if batch.error is not None:
+            raise batch.error
+        return sum(v.nbytes for _, v, _ in jobs)
+
+    def _chunks(self, view: memoryview, base: int, offset: int, nbytes: int, pos: int):
+        """(fd, destination view, file offset) pieces: O_DIRECT for the block-aligned interior of
+        a congruent range, buffered for the rest."""
+        start, end = offset, offset + nbytes
+        if self.direct and (offset - (base + pos)) % BLOCK_BYTES == 0:
+            lo = min(-(-start // BLOCK_BYTES) * BLOCK_BYTES, end)
+            hi = max(end // BLOCK_BYTES * BLOCK_BYTES, lo)
+        else:
+            lo = hi = end  # nothing direct
+        for a, b, fd in ((start, lo, self.fd), (lo, hi, self.direct_fd), (hi, end, self.fd)):
+            for c in range(a, b, self.chunk_bytes):
+                n = min(self.chunk_bytes, b - c)
+                yield fd, view[pos + c - offset:pos + c - offset + n], c
+
+    # ---- workers ----------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                return
+            batch, fd, into, offset = item
+            error = None
+            if batch.error is None:  # a failed batch skips its remaining chunks
+                try:
+                    self._pread(fd, into, offset)
+                except (OSError, ModelFileError) as exc:
+                    error = exc
+            with self._lock:
+                if error is not None and batch.error is None:
+                    batch.error = error
+                batch.left -= 1
+                if batch.left == 0:
+                    batch.done.set()
+
+    def _pread(self, fd: int, into: memoryview, offset: int) -> None:
+        got = 0
+        while got < into.nbytes:
+            n = os.preadv(fd, [into[got:]], offset + got)  # looked up per call: tests inject faults here
+            if n <= 0:
+                raise ModelFileError(f"short read at byte {offset + got}: {got} of {into.nbytes} bytes; "
+                                     "the model file changed or was truncated while running")
+            got += n
+
+    # ---- accounting -------------------------------------------------------------------------
+    def _begin(self) -> None:
+        with self._lock:
+            if self._active == 0:
+                self._since = time.perf_counter()
+            self._active += 1
+
+    def _end(self, nbytes: int, direct_bytes: int) -> None:
+        with self._lock:
+            self._active -= 1
+            if self._active == 0:
+                self._busy_s += time.perf_counter() - self._since
+            self._bytes += nbytes
+            self._direct += direct_bytes
+            self._reads += 1
+
+    def stats(self) -> LoaderStats:
+        """Totals since the loader opened (busy time counts overlapping requests once)."""
+        with self._lock:
+            busy = self._busy_s + (time.perf_counter() - self._since if self._active else 0.0)
+            return LoaderStats(self._bytes, self._direct, busy, self._reads)
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+        for t in self._threads:
+            t.join(timeout=5)
+        self._threads = []
+        for fd in (self.fd, self.direct_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self.direct_fd = -1
+
+    def __del__(self):
+        try:
+            if self.fd >= 0:
+                self.close()
+        except Exception:
+            pass
+
+
+def spec_ranges(spec, positions: Sequence[int] | None = None) -> list[Range]:
+    """An ExpertSpec's parts as ranges into one buffer: at `positions` (default: the spec's own
+    layout, `ExpertSpec.layout()`). A contiguous spec is one range."""
+    if positions is None:
+        size, positions = spec.layout()
+        if spec.contiguous:
+            return [(spec.parts[0].offset, size, 0)]
+    return [(p.offset, p.nbytes, pos) for p, pos in zip(spec.parts, positions)]

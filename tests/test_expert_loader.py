@@ -1,0 +1,103 @@
+"""ExpertLoader: bytes equal the file's, O_DIRECT where alignment allows, errors reach the caller."""
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+
+import numpy as np
+import pytest
+
+from edgemoe.expert_loader import BLOCK_BYTES, ExpertLoader, memory_at, spec_ranges
+from edgemoe.expert_store import expert_buffer, stock_experts
+from edgemoe.gguf_file import GGUFFile, ModelFileError
+
+SIZE = 3 * 2**20 + 1234
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    data = np.random.default_rng(0).integers(0, 256, SIZE, dtype=np.uint8).tobytes()
+    path = tmp_path / "data.bin"
+    path.write_bytes(data)
+    return path, data
+
+
+def test_congruent_ranges_read_direct_with_buffered_edges(data_file):
+    path, data = data_file
+    loader = ExpertLoader(path, threads=4, chunk_bytes=64 * 1024)
+    try:
+        dest = mmap.mmap(-1, 2 * 2**20)  # page-aligned
+        # file offset 5000 -> dest 5000 (congruent mod 4096): head, direct interior, tail
+        ranges = [(5000, 1_000_000, 5000), (1_500_000 + 100, 300_000, 1_200_000)]
+        assert loader.read_into(ranges, dest) == 1_300_000
+        for off, n, pos in ranges:
+            assert dest[pos:pos + n] == data[off:off + n]
+        s = loader.stats()
+        assert s.bytes_read == 1_300_000 and s.reads == 1 and s.bandwidth_bps > 0
+        if loader.direct:
+            # the first range's aligned interior went O_DIRECT; the second is incongruent (buffered)
+            interior = (5000 + 1_000_000) // BLOCK_BYTES * BLOCK_BYTES - 2 * BLOCK_BYTES
+            assert s.direct_bytes == interior
+    finally:
+        loader.close()
+
+
+def test_read_many_into_numpy_and_raw_memory(data_file):
+    path, data = data_file
+    loader = ExpertLoader(path, threads=3, chunk_bytes=BLOCK_BYTES * 8)
+    try:
+        a = np.zeros(400_000, dtype=np.uint8)
+        raw = mmap.mmap(-1, 3 * BLOCK_BYTES)
+        view = np.frombuffer(raw, dtype=np.uint8)
+        b = memory_at(view.ctypes.data, 3 * BLOCK_BYTES)
+        n = loader.read_many([([(7, 400_000, 0)], a), ([(BLOCK_BYTES, 3 * BLOCK_BYTES, 0)], b)])
+        assert n == 400_000 + 3 * BLOCK_BYTES
+        assert a.tobytes() == data[7:400_007]
+        assert bytes(raw) == data[BLOCK_BYTES:4 * BLOCK_BYTES]
+    finally:
+        loader.close()
+
+
+def test_bad_ranges_and_read_errors_are_raised(data_file, monkeypatch):
+    path, _ = data_file
+    loader = ExpertLoader(path, chunk_bytes=64 * 1024)
+    try:
+        with pytest.raises(ModelFileError, match="beyond the end of the model file"):
+            loader.read_into([(SIZE - 10, 20, 0)], bytearray(20))
+        with pytest.raises(ValueError, match="does not fit"):
+            loader.read_into([(0, 20, 0)], bytearray(10))
+        real = os.preadv
+        calls = []
+
+        def failing(fd, bufs, off):
+            calls.append(off)
+            if len(calls) == 2:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            return real(fd, bufs, off)
+
+        monkeypatch.setattr(os, "preadv", failing)
+        with pytest.raises(OSError, match="Input/output error"):
+            loader.read_into([(0, 2 * 2**20, 0)], bytearray(2 * 2**20))
+        monkeypatch.setattr(os, "preadv", real)
+        buf = bytearray(100)
+        assert loader.read_into([(0, 100, 0)], buf) == 100, "the loader works after a failed read"
+    finally:
+        loader.close()
+
+
+def test_expert_spec_ranges_match_the_file():
+    from edgemoe.demo import demo_gguf
+
+    path = demo_gguf()
+    f = GGUFFile(path)
+    raw = path.read_bytes()
+    loader = ExpertLoader(path)
+    try:
+        for spec in list(stock_experts(f).values())[:3]:
+            buf = expert_buffer(spec)
+            loader.read_into(spec_ranges(spec), buf)
+            for p, pos in zip(spec.parts, spec.layout()[1]):
+                assert buf[pos:pos + p.nbytes].tobytes() == raw[p.offset:p.offset + p.nbytes]
+    finally:
+        loader.close()
