@@ -13,13 +13,7 @@ import gguf
 from gguf import TokenType
 
 from edgemoe.converters.errors import ConvertError
-
-# llama.cpp names pre-tokenizers by the regex they implement; these are the Split regexes
-# of HF tokenizer.json files that map to each name.
-_SPLIT_REGEX_PRE = {
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
-}
+from edgemoe.converters.pretokenizer import bpe_pre_name
 
 
 def write_vocab(w: gguf.GGUFWriter, folder: Path, vocab_size: int) -> str:
@@ -50,24 +44,11 @@ def _write_bpe(w: gguf.GGUFWriter, folder: Path, vocab_size: int) -> None:
     toktypes = [types.get(i, TokenType.NORMAL if i in by_id else TokenType.UNUSED) for i in range(n)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(_bpe_pre_name(spec, folder))
+    w.add_tokenizer_pre(bpe_pre_name(spec, str(folder / "tokenizer.json")))
     w.add_token_list(tokens)
     w.add_token_types(toktypes)
     w.add_token_merges(merges)
     gguf.SpecialVocab(folder, load_merges=False, n_vocab=n).add_to_gguf(w, quiet=True)
-
-
-def _bpe_pre_name(spec: dict, folder: Path) -> str:
-    pre = spec.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    if len(steps) == 1 and steps[0].get("type") == "ByteLevel" and steps[0].get("use_regex", True) \
-            and not steps[0].get("add_prefix_space", False):
-        return "gpt-2"
-    splits = [s for s in steps if s.get("type") == "Split"]
-    if len(splits) == 1 and (name := _SPLIT_REGEX_PRE.get(splits[0].get("pattern", {}).get("Regex", ""))):
-        return name
-    raise ConvertError(f"{folder / 'tokenizer.json'}: unknown pre-tokenizer {json.dumps(pre)[:200]}; "
-                       f"supported: GPT-2 ByteLevel, {', '.join(sorted(set(_SPLIT_REGEX_PRE.values())))}")
 
 
 def _write_sentencepiece(w: gguf.GGUFWriter, folder: Path, vocab_size: int) -> None:
@@ -75,7 +56,8 @@ def _write_sentencepiece(w: gguf.GGUFWriter, folder: Path, vocab_size: int) -> N
         from sentencepiece import SentencePieceProcessor
         from sentencepiece import sentencepiece_model_pb2 as spm_pb2
     except ImportError as exc:
-        raise ConvertError("a SentencePiece tokenizer.model needs `pip install sentencepiece protobuf`") from exc
+        raise ConvertError("a SentencePiece tokenizer.model needs sentencepiece and protobuf, which `pip install "
+                           "edgemoe` installs; reinstall edgemoe into this environment") from exc
     path = folder / "tokenizer.model"
     proto = spm_pb2.ModelProto()
     try:
