@@ -84,13 +84,16 @@ class _OneStream:
 
 
 class EngineChat(_OneStream):
-    """The edgemoe engine: budgeted expert cache, live budget and policy changes."""
+    """The edgemoe engine: budgeted expert cache, live budget and policy changes.
+
+    `reuse_kv`: a prompt that extends the last one (the next chat turn, a request continuing the
+    previous) prefills only its new tokens; off, every prompt is prefilled whole."""
     name = "edgemoe"
     controls_cache = True
 
-    def __init__(self, engine):
+    def __init__(self, engine, reuse_kv: bool = True):
         super().__init__()
-        self.engine = engine
+        self.engine, self.reuse_kv = engine, reuse_kv
         self.warnings = list(getattr(engine, "warnings", ()))  # what the engine worked around at start
         self.info, model = read_info(engine.path, self.name, engine.config.n_ctx)
         self.vocab = vocab_of(model, lambda text, add_bos, special: engine.tokenizer.encode(text, add_bos, special))
@@ -100,7 +103,8 @@ class EngineChat(_OneStream):
 
     def stream(self, ids: list[int], sampling: Sampling) -> Iterator[StepEvent]:
         with self._busy:
-            yield from self.engine.stream_generate(ids, sampling.max_tokens, sampling.temperature, sampling.top_p)
+            yield from self.engine.stream_generate(ids, sampling.max_tokens, sampling.temperature, sampling.top_p,
+                                                   seed=sampling.seed, reuse_kv=self.reuse_kv)
 
     def set_budget(self, budget_bytes: int) -> CacheStats:
         self.engine.cache.set_budget(budget_bytes)
@@ -130,10 +134,12 @@ class LlamaChat(_OneStream):
 
     warnings: list[str] = []
 
-    def __init__(self, path: Path, n_ctx: int = 512, seed: int = 0, n_threads: int | None = None):
+    def __init__(self, path: Path, n_ctx: int = 512, seed: int = 0, n_threads: int | None = None,
+                 reuse_kv: bool = True):
         from edgemoe.llama_backend import RoutingTap, open_llama
 
         super().__init__()
+        self.reuse_kv = reuse_kv
         self.info, model = read_info(path, self.name, n_ctx)
         self.tap = RoutingTap(int(model.arch_field("expert_used_count", 1)), int(model.arch_field("expert_count", 1)))
         self.llm = open_llama(path, n_ctx=n_ctx, seed=seed, routing=self.tap, n_threads=n_threads)
@@ -144,10 +150,16 @@ class LlamaChat(_OneStream):
     def stream(self, ids: list[int], sampling: Sampling) -> Iterator[StepEvent]:
         # create_completion, not llama_backend.stream_generate: it takes token ids (chat-template
         # markers stay special tokens), applies top-p, and reuses the KV prefix across turns
+        # (Llama.generate keeps the longest common prefix of its cached tokens and the prompt)
         with self._busy:
+            if not self.reuse_kv:
+                self.llm.reset()
+            cached = self.llm.input_ids[:self.llm.n_tokens].tolist()
+            # what generate will keep (its own prefix rule; the last token is re-run for its logits)
+            reused = max(min(self.llm.longest_token_prefix(cached, ids), len(ids) - 1), 0)
             chunks = self.llm.create_completion(
                 ids, max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-                top_k=0, min_p=0.0, repeat_penalty=1.0, stream=True)
+                top_k=0, min_p=0.0, repeat_penalty=1.0, stream=True, seed=sampling.seed)
             start, first = time.perf_counter(), None
             for i, chunk in enumerate(chunks):
                 now = time.perf_counter()
@@ -157,8 +169,10 @@ class LlamaChat(_OneStream):
                 self.tap.steps.clear()  # keep only the latest step: a long chat must not grow this
                 routing = tuple(tuple(chosen[k][-1]) if chosen.get(k) else () for k in sorted(chosen))
                 tps = i / (now - first) if i > 0 and now > first else 0.0
+                finish = choice["finish_reason"] or ""
                 yield StepEvent(i, -1, choice["text"], now - start, tps, peak_rss_bytes=peak_rss_bytes(),
-                                routing=routing, finished=choice["finish_reason"] is not None)
+                                routing=routing, finished=bool(finish), finish_reason=finish,
+                                prompt_tokens=len(ids), kv_reused_tokens=reused)
 
     def set_budget(self, budget_bytes: int) -> CacheStats:
         raise ValueError("the llama backend keeps every expert mapped; budgets need --backend edgemoe")
@@ -173,10 +187,11 @@ class LlamaChat(_OneStream):
         self.llm.close()
 
 
-def open_backend(path: Path, backend: str, config) -> EngineChat | LlamaChat:
-    """`config`: an EngineConfig (the llama backend uses its n_ctx, seed and n_threads)."""
+def open_backend(path: Path, backend: str, config, reuse_kv: bool = True) -> EngineChat | LlamaChat:
+    """`config`: an EngineConfig (the llama backend uses its n_ctx, seed and n_threads).
+    `reuse_kv`: prefill only what a prompt adds to the last one (see EngineChat)."""
     if backend == "llama":
-        return LlamaChat(path, config.n_ctx, config.seed, config.n_threads)
+        return LlamaChat(path, config.n_ctx, config.seed, config.n_threads, reuse_kv)
     from edgemoe.engine import Engine
 
-    return EngineChat(Engine(path, config))
+    return EngineChat(Engine(path, config), reuse_kv)

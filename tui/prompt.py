@@ -1,8 +1,9 @@
 """The conversation and how it becomes prompt tokens: the model's chat template where the GGUF
 has one, plain continuation of one running document otherwise.
 
-Every turn re-encodes the whole conversation (no KV reuse across turns): simple and exactly
-what the model would see if the conversation were typed in one go.
+Every turn re-encodes the whole conversation: exactly what the model would see if the
+conversation were typed in one go. The backends keep the KV cache of the tokens they last saw
+and prefill only from where the new prompt departs from them (usually: only the new turn).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ class Sampling:
     temperature: float = 0.7
     top_p: float = 0.9
     max_tokens: int = 128
+    seed: int | None = None  # None: the backend's own (the engine config's seed)
 
 
 def read_sampling(temperature: str, top_p: str, max_tokens: str, n_ctx: int) -> Sampling:
