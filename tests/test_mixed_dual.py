@@ -9,7 +9,7 @@ import pytest
 from edgemoe.converters.convert import convert
 from edgemoe.demo import demo_gguf
 from edgemoe.engine import Engine, EngineConfig
-from edgemoe.bench.quality import heldout_windows, kl_divergence, top1_agreement
+from edgemoe.bench.quality import QualitySums, heldout_windows
 
 N_MOE_LAYERS, TOP_K = 4, 2  # the demo model
 BEHIND = dict(dual_low_type="q2_k", dual_load_above=1.0, dual_background_load=True)  # every miss low, load behind
@@ -67,7 +67,8 @@ def test_low_copies_are_measured_outside_the_budget_and_serve_misses(demo_q8, wi
     assert sum(e.cache.hits for e in decode) > 0
     assert all(e.cache.low_served <= e.cache.misses for e in decode)
     # the cold pass ran every expert at q2_k: still close to the full-precision model
-    kl, top1 = float(kl_divergence(got, ref).mean()), float(top1_agreement(got, ref).mean())
+    q = QualitySums.of_window(window, got, ref)
+    kl, top1 = q.mean_kl, q.top1_share
     print(f"cold dual pass vs full precision: KL {kl:.4f} nats/token, top-1 {top1:.3f}")
     assert kl < 0.05 and top1 >= 0.85
 

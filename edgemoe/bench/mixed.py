@@ -114,7 +114,7 @@ def dual_rows(path: Path, n_threads: int, n_tokens: int = 128, shares=(0.5, 0.25
 
 
 def _dual_row(engine, tokens: list[int], ref, share: float, label: str) -> dict:
-    from edgemoe.bench.quality import kl_divergence, teacher_forced_logits
+    from edgemoe.bench.quality import QualitySums, teacher_forced_logits
 
     t0 = time.perf_counter()
     logits, stats = teacher_forced_logits(engine, tokens)
@@ -126,7 +126,7 @@ def _dual_row(engine, tokens: list[int], ref, share: float, label: str) -> dict:
                 low=sum(s.low_token_slots for s in stats) / max(sum(s.token_slots for s in stats), 1),
                 stall_ms=1e3 * sum(s.stall_s for s in stats) / len(tokens),
                 mib_read=sum(s.bytes_read for s in stats) / len(tokens) / 2**20,
-                kl=float(kl_divergence(logits, ref).mean()), low_mib=engine.low_bytes / 2**20,
+                kl=QualitySums.of_window(tokens, logits, ref).mean_kl, low_mib=engine.low_bytes / 2**20,
                 budget_mib=engine.cache.budget_bytes / 2**20, build_s=low.build_s if low else 0.0)
 
 

@@ -3,7 +3,9 @@ next-token distributions vs a reference model, top-1 agreement, next to the expe
 
 Models run through the edgemoe engine (`Engine.logits`) on non-overlapping windows of an
 `EOS doc EOS doc ...` token stream (the demo model's training format): by default the demo
-corpus's held-out split, cut as the demo's own report cuts it.
+corpus's held-out split, cut as the demo's own report cuts it. `QualitySums` is the one
+implementation of the metrics and of which positions they average over; the compression
+pipeline, its LoRA stage and the pruning study use it too.
 """
 from __future__ import annotations
 
@@ -17,35 +19,74 @@ import torch
 DEFAULT_WINDOW = 256
 
 
-def log_softmax(logits: np.ndarray) -> torch.Tensor:
-    return torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), dim=-1)
+def log_probs(logits) -> torch.Tensor:
+    """float64 log-softmax over the vocabulary of logits [T, V] (numpy or torch; log-probabilities
+    pass through unchanged)."""
+    return torch.log_softmax(torch.as_tensor(logits).detach().to(torch.float64), dim=-1)
 
 
-def nll_sum(logits: np.ndarray, tokens: list[int]) -> tuple[float, int]:
-    """Summed negative log-likelihood of tokens[1:] under logits[:-1] ([T, V]), and the count."""
-    lp = log_softmax(logits[:-1])
-    target = torch.as_tensor(tokens[1:], dtype=torch.long)
-    return float(-lp.gather(1, target[:, None]).sum()), len(tokens) - 1
+def kl_rows(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """Per position KL(reference || model) in nats from log-probabilities [T, V] -> [T]: how much the
+    model's next-token distribution loses against the reference's. Differentiable (LoRA's loss)."""
+    return (ref_logp.exp() * (ref_logp - logp)).sum(-1)
 
 
-def perplexity(logits: list[np.ndarray], windows: list[list[int]]) -> float:
-    total, n = 0.0, 0
-    for lg, w in zip(logits, windows):
-        s, c = nll_sum(lg, w)
-        total, n = total + s, n + c
-    return math.exp(total / n) if n else float("nan")
+@dataclass
+class QualitySums:
+    """Perplexity, KL and top-1 agreement of a model against a reference, summed window by window.
 
+    The averaging convention, the same for every caller (`edgemoe eval`, `compress --eval`, the
+    LoRA record, the pruning study, the dual-precision bench): a window of T tokens contributes its
+    T - 1 predicted positions, rows 0..T-2 of its logits, the ones whose next token is known.
+    Perplexity, KL and top-1 are all means over those same positions, so they describe one set of
+    predictions; a window's last row (no next token) is not counted."""
+    nll: float = 0.0            # next-token negative log-likelihood of the model, summed
+    reference_nll: float = 0.0  # the same for the reference
+    kl: float = 0.0             # KL(reference || model), nats, summed over positions
+    top1: float = 0.0           # positions whose argmax agrees with the reference's
+    positions: int = 0
 
-def kl_divergence(logits: np.ndarray, ref_logits: np.ndarray) -> np.ndarray:
-    """Per position KL(ref || model) in nats: how much the model's next-token distribution
-    loses against the reference's. logits: [T, V] -> [T]."""
-    p_log, q_log = log_softmax(ref_logits), log_softmax(logits)
-    return (p_log.exp() * (p_log - q_log)).sum(-1).numpy()
+    def add(self, tokens, logits, ref_logits) -> None:
+        """One window: tokens [T] and the logits (or log-probabilities) [T, V] of model and reference."""
+        target = torch.as_tensor(np.asarray(tokens, dtype=np.int64))[1:, None]
+        if not len(target):
+            return
+        lp, ref = log_probs(logits[:-1]), log_probs(ref_logits[:-1])
+        self.nll -= float(lp.gather(1, target).sum())
+        self.reference_nll -= float(ref.gather(1, target).sum())
+        self.kl += float(kl_rows(ref, lp).sum())
+        self.top1 += float((lp.argmax(-1) == ref.argmax(-1)).sum())
+        self.positions += len(target)
 
+    @classmethod
+    def of_window(cls, tokens, logits, ref_logits) -> "QualitySums":
+        sums = cls()
+        sums.add(tokens, logits, ref_logits)
+        return sums
 
-def top1_agreement(logits: np.ndarray, ref_logits: np.ndarray) -> np.ndarray:
-    """Per position 1.0 where the argmax tokens agree. [T, V] -> [T]."""
-    return (np.asarray(logits).argmax(-1) == np.asarray(ref_logits).argmax(-1)).astype(np.float64)
+    def _mean(self, total: float) -> float:
+        return total / self.positions if self.positions else float("nan")
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self._mean(self.nll))
+
+    @property
+    def reference_perplexity(self) -> float:
+        return math.exp(self._mean(self.reference_nll))
+
+    @property
+    def mean_kl(self) -> float:
+        """nats per predicted position"""
+        return self._mean(self.kl)
+
+    @property
+    def top1_share(self) -> float:
+        return self._mean(self.top1)
+
+    def as_dict(self) -> dict:
+        return {"perplexity": self.perplexity, "perplexity_original": self.reference_perplexity,
+                "kl": self.mean_kl, "top1": self.top1_share, "positions": self.positions}
 
 
 def token_windows(tokenizer, documents: list[str], window: int = DEFAULT_WINDOW,
@@ -111,19 +152,13 @@ def evaluate(models: list[str | Path], reference: str | Path, windows: list[list
             windows = heldout_windows(ref.tokenizer, max_windows=max_windows)
         if not windows:
             raise ValueError("no evaluation windows: the text is shorter than one window")
-        ref_nll, n = 0.0, 0
-        acc = [dict(nll=0.0, kl=0.0, top1=0.0) for _ in engines]
+        sums = [QualitySums() for _ in engines]
         for w in windows:
             ref_lg = ref.logits(w)
-            s, c = nll_sum(ref_lg, w)
-            ref_nll, n = ref_nll + s, n + c
-            for a, engine in zip(acc, engines):
-                lg = engine.logits(w)
-                a["nll"] += nll_sum(lg, w)[0]
-                a["kl"] += float(kl_divergence(lg[:-1], ref_lg[:-1]).sum())
-                a["top1"] += float(top1_agreement(lg[:-1], ref_lg[:-1]).sum())
-        return [QualityReport(str(m), expert_bytes_of(m), n, math.exp(a["nll"] / n), a["kl"] / n, a["top1"] / n,
-                              math.exp(ref_nll / n)) for m, a in zip(models, acc)]
+            for q, engine in zip(sums, engines):
+                q.add(w, engine.logits(w), ref_lg)
+        return [QualityReport(str(m), expert_bytes_of(m), q.positions, q.perplexity, q.mean_kl, q.top1_share,
+                              q.reference_perplexity) for m, q in zip(models, sums)]
     finally:
         for engine in [ref, *engines]:
             engine.close()
