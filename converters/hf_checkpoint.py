@@ -4,6 +4,9 @@ We parse safetensors headers ourselves and read each tensor with one pread, inst
 mmap-ing the files: pages of a long-lived mmap stay in the process's RSS, so a converter
 that touched every tensor through one mmap would look (and, under memory pressure, act)
 like it holds the whole model. pread keeps resident memory near one tensor.
+
+FP8 checkpoints (e4m3 weights with block scales, converters/fp8.py) read as float32 like any
+other: the scale tensors are consumed by their weights and do not appear in `tensors`.
 """
 from __future__ import annotations
 
@@ -15,11 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from edgemoe.converters import fp8
 from edgemoe.converters.errors import ConvertError
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    fp8.FP8_DTYPE: np.uint8,  # bytes; values come from fp8.dequantize with the tensor's scales
 }
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -56,6 +61,20 @@ class HFCheckpoint:
         for file in files:
             for entry in read_safetensors_index(file):
                 self.tensors[entry.name] = entry
+        self.fp8_block = fp8.block_size(self.config, config_path)
+        self._scales = self._take_fp8_scales() if self.fp8_block else {}
+
+    def _take_fp8_scales(self) -> dict[str, TensorEntry]:
+        """weight name -> its scale tensor, removed from `tensors` (with unused activation scales)."""
+        scales = {name.removesuffix(fp8.SCALE_SUFFIX): self.tensors.pop(name)
+                  for name in [n for n in self.tensors if n.endswith(fp8.SCALE_SUFFIX)]}
+        for name in [n for n in self.tensors if fp8.is_unused(n)]:
+            del self.tensors[name]
+        for weight, scale in scales.items():
+            if self.tensors.get(weight) is None or self.tensors[weight].dtype != fp8.FP8_DTYPE:
+                raise ConvertError(f"{scale.file}: scale tensor {scale.name} belongs to no FP8 weight {weight!r}; "
+                                   "the checkpoint is incomplete or inconsistent")
+        return scales
 
     @property
     def architecture(self) -> str:
@@ -71,8 +90,19 @@ class HFCheckpoint:
         return name in self.tensors
 
     def load(self, name: str, index: int | None = None) -> np.ndarray:
-        """The tensor (or its `index`-th slice along axis 0) as float32; bf16/f16 widen exactly."""
+        """The tensor (or its `index`-th slice along axis 0) as float32; bf16/f16 widen exactly,
+        FP8 is dequantized with its block scales."""
         entry = self._entry(name)
+        if entry.dtype != fp8.FP8_DTYPE:
+            return self._read(entry, index)
+        if name not in self._scales:
+            raise ConvertError(f"{entry.file}: tensor {name} is FP8 but the checkpoint has no {name}{fp8.SCALE_SUFFIX} "
+                               "for it (or config.json lacks quantization_config); the checkpoint is incomplete")
+        return fp8.dequantize(self._read(entry, index, raw=True), self._read(self._scales[name], index),
+                              self.fp8_block, name)
+
+    def _read(self, entry: TensorEntry, index: int | None, raw: bool = False) -> np.ndarray:
+        name = entry.name
         shape, offset, nbytes = entry.shape, entry.offset, entry.nbytes
         if index is not None:
             if not 0 <= index < shape[0]:
@@ -80,14 +110,16 @@ class HFCheckpoint:
             nbytes //= shape[0]
             offset += index * nbytes
             shape = shape[1:]
-        raw = np.empty(nbytes, dtype=np.uint8)
+        buf = np.empty(nbytes, dtype=np.uint8)
         with open(entry.file, "rb", buffering=0) as f:
             f.seek(offset)
-            got = f.readinto(memoryview(raw))
+            got = f.readinto(memoryview(buf))
         if got != nbytes:
             raise ConvertError(f"{entry.file}: tensor {name} is cut short ({got} of {nbytes} bytes); "
                                "the file is truncated, download it again")
-        arr = raw.view(_DTYPES[entry.dtype]).reshape(shape)
+        arr = buf.view(_DTYPES[entry.dtype]).reshape(shape)
+        if raw:
+            return arr
         if entry.dtype == "BF16":
             return (arr.astype(np.uint32) << 16).view(np.float32)
         return arr.astype(np.float32, copy=False)
