@@ -112,14 +112,28 @@ def _eval_callback(llama_cpp, routing: RoutingTap | None):
         llama_cpp.llama_context_default_params = original
 
 
-def stream_generate(llm, prompt: str, max_tokens: int, temperature: float = 0.0,
-                    routing: RoutingTap | None = None) -> Iterator[StepEvent]:
-    ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
+def stream_generate(llm, prompt: str | list[int], max_tokens: int, temperature: float = 0.0,
+                    routing: RoutingTap | None = None, *, top_p: float = 1.0,
+                    seed: int | None = None) -> Iterator[StepEvent]:
+    """One event per generated token, as the engine's `stream_generate`. Sampling is the
+    engine's too: temperature and top-p only (no top-k, no min-p). `prompt`: text (BOS added)
+    or token ids (chat-template markers stay special tokens). llama-cpp-python's generate keeps
+    the longest common prefix of the tokens it last evaluated and this prompt (call
+    `llm.reset()` first to prefill it whole); `kv_reused_tokens` says how many it kept."""
+    ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False) if isinstance(prompt, str) else list(prompt)
+    if len(ids) + max_tokens > llm.n_ctx():
+        raise ValueError(f"prompt ({len(ids)} tokens) + {max_tokens} new tokens exceed the context "
+                         f"of {llm.n_ctx()}; raise --ctx or shorten the prompt")
+    if seed is not None:
+        llm.set_seed(seed)  # generate builds its sampler from this seed
+    cached = llm.input_ids[:llm.n_tokens].tolist()
+    # what generate will keep (its own prefix rule: the last prompt token is re-run for its logits)
+    reused = max(min(llm.longest_token_prefix(cached, ids), len(ids) - 1), 0)
     start = time.perf_counter()
     first = None
-    pending = b""
-    for i, token in enumerate(llm.generate(ids, temp=temperature, top_k=0 if temperature == 0 else 40,
-                                           top_p=1.0, repeat_penalty=1.0, reset=True)):
+    pending, prompt_len = b"", len(ids)
+    for i, token in enumerate(llm.generate(ids, temp=temperature, top_k=0, top_p=top_p, min_p=0.0,
+                                           repeat_penalty=1.0, reset=True)):
         eos = token == llm.token_eos()
         if i >= max_tokens:
             break
@@ -133,7 +147,9 @@ def stream_generate(llm, prompt: str, max_tokens: int, temperature: float = 0.0,
         chosen = routing.take_last() if routing else {}
         layers = tuple(tuple(chosen[k][-1]) if chosen.get(k) else () for k in sorted(chosen))
         tps = i / (now - first) if i > 0 and now > first else 0.0
+        finish = "stop" if eos else "length" if i == max_tokens - 1 else ""
         yield StepEvent(i, token, text, now - start, tps, peak_rss_bytes=peak_rss_bytes(), routing=layers,
-                        finished=eos or i == max_tokens - 1)
-        if eos:
+                        finished=bool(finish), finish_reason=finish, prompt_tokens=prompt_len,
+                        kv_reused_tokens=reused)
+        if finish:
             break

@@ -6,7 +6,6 @@ sees more of the engine than that stream and the two cache controls.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,6 @@ from pathlib import Path
 from edgemoe.events import CacheStats, StepEvent
 from edgemoe.gguf_file import GGUFFile
 from edgemoe.inspect_model import ModelSummary, summarize
-from edgemoe.memory import peak_rss_bytes
 from edgemoe.tui.prompt import Sampling, Vocab
 
 LIVE_POLICIES = ("lru", "lfu", "hybrid", "random")  # belady needs a recorded future: not switchable live
@@ -139,7 +137,7 @@ class LlamaChat(_OneStream):
         from edgemoe.llama_backend import RoutingTap, open_llama
 
         super().__init__()
-        self.reuse_kv = reuse_kv
+        self.reuse_kv, self.seed = reuse_kv, seed
         self.info, model = read_info(path, self.name, n_ctx)
         self.tap = RoutingTap(int(model.arch_field("expert_used_count", 1)), int(model.arch_field("expert_count", 1)))
         self.llm = open_llama(path, n_ctx=n_ctx, seed=seed, routing=self.tap, n_threads=n_threads)
@@ -148,31 +146,16 @@ class LlamaChat(_OneStream):
         self.expert_bytes_total = self.info.summary.expert_bytes
 
     def stream(self, ids: list[int], sampling: Sampling) -> Iterator[StepEvent]:
-        # create_completion, not llama_backend.stream_generate: it takes token ids (chat-template
-        # markers stay special tokens), applies top-p, and reuses the KV prefix across turns
-        # (Llama.generate keeps the longest common prefix of its cached tokens and the prompt)
+        from edgemoe.llama_backend import stream_generate
+
         with self._busy:
             if not self.reuse_kv:
-                self.llm.reset()
-            cached = self.llm.input_ids[:self.llm.n_tokens].tolist()
-            # what generate will keep (its own prefix rule; the last token is re-run for its logits)
-            reused = max(min(self.llm.longest_token_prefix(cached, ids), len(ids) - 1), 0)
-            chunks = self.llm.create_completion(
-                ids, max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-                top_k=0, min_p=0.0, repeat_penalty=1.0, stream=True, seed=sampling.seed)
-            start, first = time.perf_counter(), None
-            for i, chunk in enumerate(chunks):
-                now = time.perf_counter()
-                first = first if first is not None else now
-                choice = chunk["choices"][0]
-                chosen = self.tap.take_last()
+                self.llm.reset()  # forget the evaluated tokens: the whole prompt is prefilled
+            seed = self.seed if sampling.seed is None else sampling.seed
+            for event in stream_generate(self.llm, ids, sampling.max_tokens, sampling.temperature, self.tap,
+                                         top_p=sampling.top_p, seed=seed):
                 self.tap.steps.clear()  # keep only the latest step: a long chat must not grow this
-                routing = tuple(tuple(chosen[k][-1]) if chosen.get(k) else () for k in sorted(chosen))
-                tps = i / (now - first) if i > 0 and now > first else 0.0
-                finish = choice["finish_reason"] or ""
-                yield StepEvent(i, -1, choice["text"], now - start, tps, peak_rss_bytes=peak_rss_bytes(),
-                                routing=routing, finished=bool(finish), finish_reason=finish,
-                                prompt_tokens=len(ids), kv_reused_tokens=reused)
+                yield event
 
     def set_budget(self, budget_bytes: int) -> CacheStats:
         raise ValueError("the llama backend keeps every expert mapped; budgets need --backend edgemoe")
