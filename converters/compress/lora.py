@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgemoe.converters.compress.evaluate import Quality, compare, reference_logprobs
+from edgemoe.bench.quality import QualitySums, kl_rows
 from edgemoe.converters.compress.lowrank import Factors, apply_factors, factors_by_layer
 from edgemoe.converters.compress.moe_view import dropped, moe_layers
 from edgemoe.converters.errors import ConvertError
@@ -42,21 +42,18 @@ class LoRALinear(nn.Module):
 
 
 def lora_recover(hf_dir, drops: dict[int, tuple[int, ...]], low_rank: dict[tuple[int, int, str], Factors],
-                 texts: list[str], opts, progress=None) -> tuple[dict[str, torch.Tensor], dict]:
-    """-> (overrides: checkpoint tensor name -> merged weight, record for the report)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+                 calib: list[list[int]], heldout: list[list[int]] | None, opts,
+                 progress=None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Train on the calibration windows `calib` (token ids: the search's own), measure on `heldout`
+    (None: no held-out record) -> (overrides: checkpoint tensor name -> merged weight, record)."""
+    from transformers import AutoModelForCausalLM
 
-    from edgemoe.converters.compress.calibration import token_windows
     from edgemoe.converters.hf_checkpoint import HFCheckpoint
 
     torch.manual_seed(opts.seed)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(hf_dir)
-    window = min(opts.window, int(getattr(model.config, "max_position_embeddings", opts.window)))
-    calib = token_windows(tok, texts, max(1, opts.calib_tokens // window), window)
-    teacher = reference_logprobs(model, calib)
-    held = _heldout(tok, opts, window)
-    held_ref = reference_logprobs(model, held) if held is not None else None
+    teacher = _logprobs(model, calib)
+    held_ref = _logprobs(model, heldout) if heldout else None
     layers = moe_layers(model)
     per_layer = factors_by_layer(low_rank)
     for layer in layers:
@@ -65,16 +62,14 @@ def lora_recover(hf_dir, drops: dict[int, tuple[int, ...]], low_rank: dict[tuple
     record: dict = {"targets": list(TARGETS), "rank": opts.lora_rank, "steps": opts.lora_steps, "lr": opts.lora_lr,
                     "loss": "KL(original || compressed) on the calibration windows"}
     with dropped(layers, drops):
-        record["kl_calibration_before"] = _kl(model, calib, teacher)
-        if held is not None:
-            record["heldout_before"] = _quality(model, held, held_ref)
+        record["kl_calibration_before"] = _quality(model, calib, teacher).mean_kl
+        if held_ref is not None:
+            record["heldout_before"] = _quality(model, heldout, held_ref).as_dict()
         _train(model, adapters, calib, teacher, opts, progress)
-        record["kl_calibration_after"] = _kl(model, calib, teacher)
-        if held is not None:
-            record["heldout_after"] = _quality(model, held, held_ref)
-            nll, n, _, _ = compare(held, held_ref, held_ref)
-            record["heldout_tokens"] = held.numel()
-            record["heldout_original_perplexity"] = float(torch.tensor(nll / n).exp())
+        record["kl_calibration_after"] = _quality(model, calib, teacher).mean_kl
+        if held_ref is not None:
+            record["heldout_after"] = _quality(model, heldout, held_ref).as_dict()
+            record["heldout_tokens"] = sum(len(w) for w in heldout)
     ckpt = HFCheckpoint(hf_dir)
     overrides = {}
     for name, mod in adapters.items():
@@ -108,8 +103,8 @@ def _train(model, adapters, calib, teacher, opts, progress) -> None:
     gen = torch.Generator().manual_seed(opts.seed)
     for step in range(opts.lora_steps):
         i = int(torch.randint(len(calib), (1,), generator=gen))
-        logp = torch.log_softmax(model(calib[i][None]).logits[0].float(), -1)
-        loss = (teacher[i].exp() * (teacher[i] - logp)).sum(-1).mean()
+        logp = torch.log_softmax(model(torch.tensor([calib[i]])).logits[0].float(), -1)
+        loss = kl_rows(teacher[i][:-1], logp[:-1]).mean()  # the predicted positions, as every KL here
         optim.zero_grad()
         loss.backward()
         optim.step()
@@ -118,20 +113,14 @@ def _train(model, adapters, calib, teacher, opts, progress) -> None:
 
 
 @torch.no_grad()
-def _kl(model, windows, teacher) -> float:
-    logp = reference_logprobs(model, windows)
-    return float((teacher.exp() * (teacher - logp)).sum(-1).mean())
+def _logprobs(model, windows: list[list[int]]) -> list[torch.Tensor]:
+    """Per window [T, V] float32 log-probabilities."""
+    return [torch.log_softmax(model(torch.tensor([w])).logits[0].float(), -1) for w in windows]
 
 
 @torch.no_grad()
-def _quality(model, windows, reference) -> dict:
-    q = Quality.of(compare(windows, reference, reference_logprobs(model, windows)), windows.numel())
-    return {"perplexity": q.perplexity, "kl": q.kl, "top1": q.top1}
-
-
-def _heldout(tok, opts, window: int):
-    if not opts.eval_tokens:
-        return None
-    from edgemoe.converters.compress.calibration import calibration_texts, token_windows
-
-    return token_windows(tok, calibration_texts(None, "heldout"), max(1, opts.eval_tokens // window), window)
+def _quality(model, windows: list[list[int]], reference: list[torch.Tensor]) -> QualitySums:
+    sums = QualitySums()
+    for w, ref, logp in zip(windows, reference, _logprobs(model, windows)):
+        sums.add(w, logp, ref)
+    return sums

@@ -1,24 +1,30 @@
 """Held-out quality of a compression decision, streamed layer by layer like the search: the
 original and the compressed model run side by side through the engine's dense path, one
 decoder layer's experts in memory at a time; at the end, perplexity, KL(original || compressed)
-and top-1 agreement per token (converters/compress/evaluate.py's definitions)."""
+and top-1 agreement, averaged over the predicted positions (edgemoe.bench.quality.QualitySums:
+the one implementation, and its convention)."""
 from __future__ import annotations
 
 import torch
 
-from edgemoe.converters.compress.evaluate import Quality, compare
+from edgemoe.bench.quality import QualitySums
 from edgemoe.converters.compress.lowrank import Factors, apply_factors, factors_by_layer
 from edgemoe.converters.compress.stream import open_stream
 
 
-@torch.no_grad()
-def streamed_quality(conv, shape, drops: dict[int, tuple[int, ...]], low_rank: dict[tuple[int, int, str], Factors],
-                     opts, progress) -> dict:
-    """-> {"perplexity_original", "perplexity", "kl", "top1", "tokens", "source"}."""
+def heldout_text():
+    """What every held-out measurement of compression runs on: the demo corpus's held-out split."""
     from edgemoe.converters.calib_text import CalibrationText
     from edgemoe.models.corpus import load_corpus
 
-    text = CalibrationText(load_corpus().heldout, "demo corpus (held-out split)")
+    return CalibrationText(load_corpus().heldout, "demo corpus (held-out split)")
+
+
+@torch.no_grad()
+def streamed_quality(conv, drops: dict[int, tuple[int, ...]], low_rank: dict[tuple[int, int, str], Factors],
+                     opts, progress) -> dict:
+    """-> {"perplexity_original", "perplexity", "kl", "top1", "positions", "tokens", "source"}."""
+    text = heldout_text()
     with open_stream(conv, text, opts.eval_tokens, opts.window, opts.n_threads) as s:
         x_ref = s.embed()
         x_cmp = x_ref.clone()
@@ -34,15 +40,8 @@ def streamed_quality(conv, shape, drops: dict[int, tuple[int, ...]], low_rank: d
             x_cmp += s.ffn(i, xc, moe, drops.get(i, ()))
             del moe
             progress("eval", i + 1, s.n_layers, f"layer {i}")
-        ppl_ref, sums = [0.0, 0], [0.0, 0, 0.0, 0.0]
+        sums = QualitySums()
         for a, b, w in zip(s.bounds[:-1], s.bounds[1:], s.windows):
-            tokens = torch.tensor(w)
-            ref = torch.log_softmax(s.logits(x_ref[a:b]).float(), -1)
-            got = torch.log_softmax(s.logits(x_cmp[a:b]).float(), -1)
-            r = compare(tokens, ref, ref)
-            ppl_ref = [ppl_ref[0] + r[0], ppl_ref[1] + r[1]]
-            sums = [u + v for u, v in zip(sums, compare(tokens, ref, got))]
+            sums.add(w, s.logits(x_cmp[a:b]), s.logits(x_ref[a:b]))
         n = int(s.bounds[-1])
-    q = Quality.of(tuple(sums), n)
-    return {"source": text.source, "tokens": n, "perplexity_original": float(torch.tensor(ppl_ref[0] / ppl_ref[1]).exp()),
-            "perplexity": q.perplexity, "kl": q.kl, "top1": q.top1}
+    return {"source": text.source, "tokens": n, **sums.as_dict()}

@@ -31,6 +31,8 @@ class Stream:
     windows: list[list[int]]
     bounds: np.ndarray                # window w spans rows bounds[w]:bounds[w + 1] of the activations
     kv: object
+    tokenizer: object                 # the checkpoint's tokenizer (edgemoe.tokenizer.Tokenizer)
+    window: int                       # tokens per window (at most the model's context length)
 
     @property
     def n_layers(self) -> int:
@@ -38,6 +40,12 @@ class Stream:
 
     def moe_indices(self) -> list[int]:
         return sorted({layer for layer, _ in self.experts})
+
+    def tokenize(self, text, n_tokens: int) -> list[list[int]]:
+        """Windows of another text (a CalibrationText), cut as this stream's own windows were."""
+        from edgemoe.converters.calibration import token_windows
+
+        return token_windows(self.tokenizer, text, n_tokens, self.window)
 
     def embed(self, n_windows: int | None = None) -> torch.Tensor:
         """[N, D] embeddings of the first n_windows windows, back to back."""
@@ -114,11 +122,12 @@ def open_stream(conv, text, n_tokens: int, window: int, n_threads: int | None = 
         _write_dense(conv, dense, path)
         model_file = GGUFFile(path)
         window = min(window, int(model_file.arch_field("context_length", window)))
-        windows = token_windows(Tokenizer(path), text, n_tokens, window)
+        tokenizer = Tokenizer(path)
+        windows = token_windows(tokenizer, text, n_tokens, window)
         backend = CpuBackend(n_threads)
         try:
             model = model_class(model_file.arch)(model_file, backend, None)
             bounds = np.cumsum([0] + [len(w) for w in windows])
-            yield Stream(model, experts, windows, bounds, model.new_kv(max(len(w) for w in windows)))
+            yield Stream(model, experts, windows, bounds, model.new_kv(max(len(w) for w in windows)), tokenizer, window)
         finally:
             backend.close()
