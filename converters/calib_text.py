@@ -27,20 +27,10 @@ def calibration_text(path: str | Path | None = None) -> CalibrationText:
         from edgemoe.models.corpus import load_corpus
 
         return CalibrationText(load_corpus().train, "demo corpus (train split)")
+    from edgemoe.text import read_user_text
+
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise CalibrationError(f"calibration file {path} does not exist") from None
-    except IsADirectoryError:
-        raise CalibrationError(f"calibration path {path} is a folder; give a .txt or .jsonl file") from None
-    except OSError as exc:
-        raise CalibrationError(f"cannot read calibration file {path}: {exc.strerror or exc}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise CalibrationError(f"calibration file {path} is not UTF-8 text (byte {exc.start}); "
-                               "give a plain-text or JSONL file") from None
+    text = read_user_text(path, "calibration file", CalibrationError, "a plain-text (.txt) or JSONL (.jsonl) file")
     docs = _jsonl_documents(path, text) if path.suffix.lower() in (".jsonl", ".ndjson") else [text]
     docs = [d for d in docs if d.strip()]
     if not docs:

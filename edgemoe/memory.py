@@ -1,8 +1,15 @@
-"""Measured (never estimated) process memory, from /proc."""
+"""Measured (never estimated) process memory, from /proc; and the one reader of the byte sizes,
+budgets and budget shares users write (2GB, 512MiB, 50%, 100,75,50)."""
 from __future__ import annotations
 
 import os
 import resource
+import sys
+from typing import Callable
+
+
+class SizeError(ValueError):
+    """A byte size, budget or list of budget shares that cannot be read: says which and how to write it."""
 
 
 def _status_kib(field: str) -> int | None:
@@ -18,7 +25,10 @@ def _status_kib(field: str) -> int | None:
 
 def peak_rss_bytes() -> int:
     kib = _status_kib("VmHWM")
-    return kib * 1024 if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if kib is not None:
+        return kib * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # no /proc: KiB on Linux and BSD, bytes on macOS
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def current_rss_bytes() -> int:
@@ -37,33 +47,59 @@ def reset_peak_rss() -> bool:
 
 
 def parse_bytes(text: str | int) -> int:
-    """'2GB', '512MiB', '1.5g', '100%'-free numbers -> bytes."""
+    """'2GB', '512MiB', '1.5g' or a plain byte count -> bytes (k/m/g/t alone: binary units)."""
     if isinstance(text, int):
         return text
     s = text.strip().lower().replace(" ", "")
     units = {"tib": 2**40, "gib": 2**30, "mib": 2**20, "kib": 2**10, "tb": 10**12, "gb": 10**9, "mb": 10**6,
              "kb": 10**3, "t": 2**40, "g": 2**30, "m": 2**20, "k": 2**10, "b": 1}
+    value = None
     for unit, mult in units.items():
         if s.endswith(unit):
             try:
-                return int(float(s[: -len(unit)]) * mult)
+                value = int(float(s[: -len(unit)]) * mult)
             except ValueError:
-                break
-    try:
-        return int(s)
-    except ValueError:
-        raise ValueError(f"cannot read {text!r} as a byte size; write e.g. 2GB, 512MiB or 1500000000") from None
-
-
-def parse_budget(text: str, expert_bytes_total: int) -> int:
-    """'50%' (of all expert bytes), '8MiB', '2GB' or a plain byte count -> bytes."""
-    s = text.strip()
-    if s.endswith("%"):
+                pass
+            break
+    if value is None:
         try:
-            return int(expert_bytes_total * float(s[:-1]) / 100)
+            value = int(s)
         except ValueError:
-            raise ValueError(f"cannot read {text!r} as a share; write e.g. 50%") from None
-    return parse_bytes(s)
+            raise SizeError(f"cannot read {text!r} as a byte size; write e.g. 2GB, 512MiB or 1500000000") from None
+    if value < 0:
+        raise SizeError(f"{text!r}: a byte size cannot be negative")
+    return value
+
+
+def parse_budget(text: str, expert_bytes_total: int | Callable[[], int]) -> int:
+    """'50%' (of all expert bytes), '8MiB', '2GB' or a plain byte count -> bytes.
+    expert_bytes_total may be a function: it is called only for a share (it may read a file)."""
+    s = text.strip()
+    if not s.endswith("%"):
+        return parse_bytes(s)
+    try:
+        share = float(s[:-1])
+    except ValueError:
+        raise SizeError(f"cannot read {text!r} as a share; write e.g. 50%") from None
+    if not 0 < share <= 100:
+        raise SizeError(f"budget share {text!r} must be above 0% and at most 100%")
+    total = expert_bytes_total() if callable(expert_bytes_total) else expert_bytes_total
+    return int(total * share / 100)
+
+
+def parse_shares(text: str, flag: str = "--budgets") -> tuple[float, ...]:
+    """'100,75,50,25' (percent of all expert bytes) -> (1.0, 0.75, 0.5, 0.25)."""
+    shares = []
+    for item in text.split(","):
+        try:
+            pct = float(item.strip().removesuffix("%"))
+        except ValueError:
+            raise SizeError(f"{flag} {text!r}: cannot read {item.strip()!r} as a percentage; "
+                            "write e.g. 100,75,50,25") from None
+        if not 0 < pct <= 100:
+            raise SizeError(f"{flag} {text!r}: {item.strip()} is not in (0, 100] percent of the expert bytes")
+        shares.append(pct / 100)
+    return tuple(shares)
 
 
 def return_large_frees_to_os(threshold_bytes: int = 1 << 20) -> bool:

@@ -25,9 +25,19 @@ def expert_bytes_total(path) -> int:
     return sum(s.alloc_bytes for s in find_experts(GGUFFile(path)).values())
 
 
+class PromptFileError(ValueError):
+    """A --prompts file that is missing, unreadable, not UTF-8 or holds no prompt."""
+
+
 def read_prompts(path: Path) -> list[str]:
-    """One prompt per non-blank line of a UTF-8 file."""
-    return [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """One prompt per non-blank line of a UTF-8 file (what `python -m edgemoe.predictor.prompts` writes)."""
+    from edgemoe.text import read_user_text
+
+    text = read_user_text(path, "prompt file", PromptFileError, "a UTF-8 text file with one prompt per line")
+    prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise PromptFileError(f"prompt file {path} holds no prompt; write one prompt per line")
+    return prompts
 
 
 def engine_config(args: argparse.Namespace, path) -> "EngineConfig":
@@ -37,7 +47,7 @@ def engine_config(args: argparse.Namespace, path) -> "EngineConfig":
 
     budget = None
     if args.budget:
-        budget = parse_budget(args.budget, expert_bytes_total(path) if args.budget.strip().endswith("%") else 0)
+        budget = parse_budget(args.budget, lambda: expert_bytes_total(path))
     future = None
     if args.policy == "belady":
         if args.trace is None:

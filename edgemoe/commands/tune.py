@@ -35,7 +35,7 @@ def apply_profile(args: argparse.Namespace, argv: list[str]) -> None:
 
 
 def tune_cmd(args: argparse.Namespace) -> int:
-    from edgemoe.memory import parse_bytes
+    from edgemoe.memory import parse_bytes, parse_shares
     from edgemoe.tune.sweep import DEFAULT_PROMPTS, DEFAULT_SHARES, TuneOptions, tune
     from edgemoe.tune.plot import terminal_plot
     from edgemoe.tune.report import RichProgress, summary, table, write_outputs
@@ -44,10 +44,8 @@ def tune_cmd(args: argparse.Namespace) -> int:
     prompts = DEFAULT_PROMPTS
     if args.prompts:
         prompts = tuple(read_prompts(args.prompts))
-        if not prompts:
-            raise ValueError(f"{args.prompts} holds no prompt (one per line)")
     confirm = -1 if args.confirm.strip().lower() == "all" else int(args.confirm)
-    shares = tuple(float(x) / 100 for x in args.budgets.split(",")) if args.budgets else DEFAULT_SHARES
+    shares = parse_shares(args.budgets) if args.budgets else DEFAULT_SHARES
     out = args.out or Path(f"tune-{path.stem}")
     opts = TuneOptions(path, prompts, args.tokens, parse_bytes(args.max_memory) if args.max_memory else None, shares,
                        confirm=confirm, repeats=args.repeats, tolerance=args.tolerance / 100, threads=args.threads,

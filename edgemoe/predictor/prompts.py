@@ -29,8 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chars", type=int, default=160)
     p.add_argument("-o", "--output", type=Path, required=True)
     args = p.parse_args(argv)
+    from edgemoe.converters.atomic import atomic_output
+
     prompts = corpus_prompts(args.split, args.count, args.chars)
-    args.output.write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    with atomic_output(args.output) as tmp:  # one prompt per line, as edgemoe.commands.common.read_prompts reads
+        tmp.write_text("\n".join(prompts) + "\n", encoding="utf-8")
     print(f"wrote {args.output}: {len(prompts)} prompts from the {args.split} split")
     return 0
 
