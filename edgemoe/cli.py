@@ -49,6 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", type=Path, help=".gguf file")
     i.set_defaults(func=convert.inspect_cmd)
 
+    up = sub.add_parser("upgrade", help="rewrite an old per-expert Mixtral GGUF in the current layout",
+                        description="GGUF files from llama.cpp's converters before April 2024 store each expert "
+                                    "as its own tensors (blk.N.ffn_gate.E.weight); llama.cpp 0.3.36 and the edgemoe "
+                                    "engine read 3-D expert tensors (blk.N.ffn_gate_exps.weight). This rewrites such "
+                                    "a file byte for byte (nothing is re-quantized), atomically.")
+    up.add_argument("model", type=Path, help="the per-expert .gguf file")
+    up.add_argument("-o", "--output", type=Path, required=True, help="output .gguf path")
+    up.set_defaults(func=convert.upgrade_cmd)
+
     e = sub.add_parser("eval", help="perplexity, KL divergence and top-1 agreement against a reference GGUF",
                        description="Run each model and the reference through the edgemoe engine on held-out "
                                    "windows (default: the demo corpus's held-out split) and report perplexity, "

@@ -18,6 +18,7 @@ from edgemoe.events import CacheStats, StepEvent
 from edgemoe.expert_cache import ExpertCache
 from edgemoe.expert_store import find_experts
 from edgemoe.gguf_file import GGUFFile
+from edgemoe.legacy import check_current_layout
 from edgemoe.memory import peak_rss_bytes
 from edgemoe.native.backend import CpuBackend
 from edgemoe.policies import Key, make_policy
@@ -61,6 +62,7 @@ class Engine:
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self.file = GGUFFile(self.path)
+        check_current_layout(self.file)  # first: an old per-expert file gets what it is and the fix
         cls = model_class(self.file.arch)
         self.backend = CpuBackend(config.n_threads)
         self.specs = find_experts(self.file)

@@ -76,6 +76,9 @@ def find_experts(model: GGUFFile) -> dict[tuple[int, int], ExpertSpec]:
 
 
 def stock_experts(model: GGUFFile) -> dict[tuple[int, int], ExpertSpec]:
+    from edgemoe.legacy import check_current_layout
+
+    check_current_layout(model)  # per-expert 2-D tensors would read as dense layers
     specs: dict[tuple[int, int], ExpertSpec] = {}
     n_layers = int(model.arch_field("block_count", 0))
     for layer in range(n_layers):

@@ -81,6 +81,9 @@ def open_llama(path: Path, n_ctx: int = 512, seed: int = 0, logits_all: bool = F
     if any(k.startswith(EDGEMOE_KEY_PREFIX) for k in model.keys()):
         raise ModelFileError(f"{path} uses edgemoe's extended layout, which stock llama.cpp cannot load; "
                              "use --backend edgemoe")
+    from edgemoe.legacy import check_current_layout
+
+    check_current_layout(model)
     kv = dict(type_k=0, type_v=0, flash_attn=False) if f32_kv else {}
     if n_threads:
         kv.update(n_threads=n_threads, n_threads_batch=n_threads)

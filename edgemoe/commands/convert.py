@@ -114,3 +114,12 @@ def inspect_cmd(args: argparse.Namespace) -> int:
                   f"dense {s.dense_bytes / 2**20:.2f} MiB")
     console.print(f"stock llama.cpp: {'yes' if s.stock_loadable else 'no'} ({s.stock_reason})")
     return 0
+
+
+def upgrade_cmd(args: argparse.Namespace) -> int:
+    from edgemoe.legacy import upgrade
+
+    n = upgrade(args.model, args.output)
+    Console(stderr=True).print(f"wrote {args.output}: {n} per-expert tensor groups merged into 3-D expert tensors "
+                               "(bytes unchanged); it loads in llama.cpp and in the edgemoe engine")
+    return 0
