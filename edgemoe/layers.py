@@ -101,18 +101,6 @@ class HeadLinear:
         return torch.from_numpy(np.stack(ys, axis=1))
 
 
-def swiglu_ffns(backend: CpuBackend, ffns: list[tuple[Weight, Weight, Weight, torch.Tensor]],
-                label: str = "dense") -> list[torch.Tensor]:
-    """Several SwiGLU FFNs (gate, up, down, x) in one ggml graph: the chosen experts of a layer."""
-    with Graph(backend, label=label) as g:
-        outs = []
-        for gate, up, down, x in ffns:
-            xin = g.input(x.numpy())
-            h = g.swiglu(g.matmul(gate, xin), g.matmul(up, xin))   # [T, F]
-            outs.append((g.matmul(down, h), (x.shape[0], down.rows)))
-        return [torch.from_numpy(y) for y in g.compute(outs)]
-
-
 def swiglu_ffn(backend: CpuBackend, gate: Weight, up: Weight, down: Weight, x: torch.Tensor,
                label: str = "dense") -> torch.Tensor:
     """down(silu(gate x) * up x) in one ggml graph, as llama.cpp's build_ffn/build_moe_ffn (SILU,

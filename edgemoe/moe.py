@@ -35,9 +35,10 @@ _EXPERTS_PER_GRAPH = 32
 
 
 def expert_ffns(backend: CpuBackend, work: list[tuple[ResidentExpert, torch.Tensor]]) -> list[torch.Tensor]:
-    """SwiGLU FFNs of several experts on their own tokens, one ggml graph per 32 experts (one
-    thread-pool wake-up per layer). A full matrix is one matmul on its bytes; a low-rank one two
-    (x -> A -> B), as llama.cpp's build_moe_ffn otherwise. work: (expert, x [n, D]) -> [[n, D]]."""
+    """SwiGLU FFNs of several experts on their own tokens, one ggml graph per 32 experts: a decode
+    step's layer (top-k experts) is one graph compute, not one per expert. A full matrix is one
+    matmul on its bytes; a low-rank one two (x -> A -> B), as llama.cpp's build_moe_ffn otherwise.
+    work: (expert, x [n, D]) -> [[n, D]]."""
     ys: list[torch.Tensor] = []
     for start in range(0, len(work), _EXPERTS_PER_GRAPH):
         with Graph(backend, label="experts") as g:
@@ -85,7 +86,7 @@ class MoEBlock:
         # largest gate weight per expert: dual precision loads the full copy of a miss above a threshold
         gates = [float(weights[assign[e]].max()) for e in chosen]
         if sum(self.cache.specs[k].alloc_bytes for k in keys) <= self.cache.budget_bytes:
-            # all fit at once: pin them all and run one graph (one thread-pool wake-up per layer)
+            # all fit at once: pin them all and run them together (one graph per 32 experts)
             got = []  # (expert, pinned)
             try:
                 for k, e, g in zip(keys, chosen, gates):

@@ -24,6 +24,8 @@ def test_mixed_beats_uniform_q3_k_at_its_bytes_on_heldout_kl(tmp_path):
     u, m = evaluate([tmp_path / "u.gguf", tmp_path / "m.gguf"], demo_gguf("f32"), max_windows=6,
                     engine_config=EngineConfig(n_threads=1))
     print(f"KL uniform q3_k {u.kl:.5f} vs mixed {m.kl:.5f}; top-1 {u.top1:.3f} vs {m.top1:.3f}")
-    # measured on the whole held-out split: 0.00070 vs 0.00032 (docs/BENCHMARKS.md)
+    # this test (2,048 calibration tokens, 6 held-out windows) measured KL 0.00065 vs 0.00017, top-1
+    # 0.972 vs 0.992; docs/BENCHMARKS.md's table (8,192 calibration tokens, the whole held-out
+    # split): uniform q3_k 0.00070 vs mixed at q3_k's bytes 0.00024
     assert m.kl < 0.8 * u.kl
     assert m.top1 >= u.top1 - 0.01
