@@ -20,6 +20,7 @@ from edgemoe.expert_store import find_experts
 from edgemoe.gguf_file import GGUFFile
 from edgemoe.legacy import check_current_layout
 from edgemoe.memory import peak_rss_bytes
+from edgemoe.model_check import check_model
 from edgemoe.native.backend import CpuBackend
 from edgemoe.policies import Key, make_policy
 from edgemoe.text import split_complete_utf8
@@ -59,9 +60,18 @@ class EngineConfig:
 class Engine:
     def __init__(self, path: str | Path, config: EngineConfig = EngineConfig()):
         self.path, self.config = Path(path), config
+        self.backend = self.cache = self.prefetcher = None  # what close() frees, once made
+        try:
+            self._open(config)
+        except BaseException:  # a bad tokenizer or predictor file: free the fd, backend and loader thread
+            self.close()
+            raise
+
+    def _open(self, config: EngineConfig) -> None:
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self.file = GGUFFile(self.path)
+        check_model(self.file)  # every dense tensor's shape against the file's hyper-parameters
         check_current_layout(self.file)  # first: an old per-expert file gets what it is and the fix
         cls = model_class(self.file.arch)
         self.backend = CpuBackend(config.n_threads)
@@ -177,10 +187,9 @@ class Engine:
 
     def close(self) -> None:
         self._kv, self._kv_ids = None, []
-        if self.prefetcher:
-            self.prefetcher.close()
-        self.cache.close()
-        self.backend.close()
+        for part in (self.prefetcher, self.cache, self.backend):  # after a failed open: those made
+            if part is not None:
+                part.close()
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

@@ -1,0 +1,183 @@
+"""A file whose tensors disagree with its hyper-parameters is refused when the model opens, with one
+ModelFileError naming the file, the tensor and the value (edgemoe.model_check); and the native
+guards (edgemoe.native.tensors) raise where ggml would assert.
+
+Each crafted file below is a tiny checkpoint (models/tiny.py) converted to f32 with one edit. With
+the checks disabled, `edgemoe generate` on each aborted inside ggml (SIGABRT in
+GGML_ASSERT(ggml_can_mul_mat), exit -6) or segfaulted (the I32 weight, exit -11), measured. Tensor
+dims are edited keeping the tensor's byte size, so llama.cpp's own GGUF reader (the tokenizer's
+vocab-only load) accepts the file and the first token reaches ggml. Anything that runs native code
+on them runs in a child process: an abort kills only the child, and its exit code tells.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import tiny_files
+from edgemoe.gguf_file import GGUFFile, ModelFileError
+from edgemoe.model_check import MAX_MLA_HEADS, check_model
+from edgemoe.native.tensors import Graph
+from gguf_edit import set_kv, set_tensor_dims, set_tensor_type
+
+
+def _dims(name, *ne):
+    return lambda p: set_tensor_dims(p, name, *ne)
+
+
+# (case, tiny arch, edit, what the error must name besides the file)
+CRAFTED = [
+    # issue 16: DeepSeek-V2's RoPE split halved, all offsets valid (k_b then gets 40-wide q_nope rows, not 32)
+    ("deepseek2-rope-halved", "deepseek2", lambda p: set_kv(p, "deepseek2.rope.dimension_count", 8),
+     ["blk.0.attn_kv_a_mqa.weight", "rope.dimension_count 8"]),
+    ("deepseek2-k_b-width", "deepseek2", _dims("blk.1.attn_k_b.weight", 16, 128),
+     ["blk.1.attn_k_b.weight", "[4, 128, 16]", "key_length_mla 48 - rope.dimension_count 16"]),
+    ("mixtral-attn_output-width", "mixtral", _dims("blk.1.attn_output.weight", 128, 512),
+     ["blk.1.attn_output.weight", "head_count 4 x key_length 64"]),
+    ("qwen2moe-shared-down-width", "qwen2moe", _dims("blk.1.ffn_down_shexp.weight", 256, 512),
+     ["blk.1.ffn_down_shexp.weight", "FFN width 512 (ffn_gate_shexp)"]),
+    ("olmoe-attn_k-width", "olmoe", _dims("blk.0.attn_k.weight", 128, 512),
+     ["blk.0.attn_k.weight", "head_count_kv 4 x key_length 64"]),
+    # gate/up/down form one FFN (so the cache's own check passes), but over hidden 128, not 256
+    ("qwen3moe-experts-hidden", "qwen3moe",
+     lambda p: [_dims(f"blk.2.ffn_{r}_exps.weight", 128, 512)(p) for r in ("gate", "up")]
+     + [_dims("blk.2.ffn_down_exps.weight", 512, 128)(p)],
+     ["blk.2.ffn_gate_exps.weight", "embedding_length 256"]),
+    ("mixtral-i32-weight", "mixtral", lambda p: set_tensor_type(p, "blk.0.attn_q.weight", 26),
+     ["blk.0.attn_q.weight", "I32"]),
+]
+
+
+@pytest.fixture(scope="module")
+def crafted(tmp_path_factory):
+    """case -> crafted file (each arch converted to f32 once)."""
+    root = tmp_path_factory.mktemp("model-check")
+    files = {}
+    for case, arch, edit, _ in CRAFTED:
+        files[case] = root / f"{case}.gguf"
+        shutil.copy(tiny_files.stock(arch, "f32", root), files[case])
+        edit(files[case])
+    return files
+
+
+@pytest.mark.parametrize("case,arch,edit,names", CRAFTED, ids=[c[0] for c in CRAFTED])
+def test_crafted_file_is_refused_naming_file_tensor_and_value(crafted, case, arch, edit, names):
+    path = crafted[case]
+    with pytest.raises(ModelFileError) as err:
+        check_model(GGUFFile(path))
+    for name in [str(path), *names]:
+        assert name in str(err.value)
+
+
+def test_unedited_files_pass_in_every_layout(tmp_path):
+    """No false alarms: stock q8_0 of every arch, the mixed and the compressed (pruned, low-rank)
+    extended layouts, the demo model."""
+    from edgemoe.demo import demo_gguf
+
+    files = [tiny_files.stock(arch, "q8_0", tmp_path) for arch in tiny_files.ARCHS]
+    files += [tiny_files.mixed("deepseek2", tmp_path), tiny_files.compressed("qwen2moe", tmp_path), demo_gguf()]
+    for path in files:
+        check_model(GGUFFile(path))
+
+
+def test_too_many_mla_heads_for_one_graph_are_refused(tmp_path):
+    """The absorbed MLA's per-head maps run in one ggml graph; one head more than fits aborted in
+    ggml_build_forward_expand (GGML_ASSERT(cgraph->n_leafs < cgraph->size)): refused at open."""
+    from test_convert_archs import build_variant
+
+    from edgemoe.converters.convert import convert
+
+    heads = MAX_MLA_HEADS + 1  # transformers wants the hidden size a multiple of the head count
+    ckpt = build_variant("deepseek2", tmp_path / "hf", num_attention_heads=heads, hidden_size=2 * heads)
+    convert(ckpt, tmp_path / "heads.gguf", "f32")
+    with pytest.raises(ModelFileError, match=f"head_count = {MAX_MLA_HEADS + 1}.*at most {MAX_MLA_HEADS} heads"):
+        check_model(GGUFFile(tmp_path / "heads.gguf"))
+
+
+_NATIVE_GUARDS = textwrap.dedent("""
+    import numpy as np
+    from gguf import GGMLQuantizationType as QT
+    from edgemoe.native.backend import CpuBackend
+    from edgemoe.native.tensors import Graph, Weight, aligned_empty
+
+    def weight(rows, cols, qtype=QT.F32):
+        buf = aligned_empty(rows * cols * 4)
+        buf[:] = 0
+        return Weight(buf, qtype, rows, cols, name=f"w{rows}x{cols}")
+
+    def expect(what, exc, f):
+        try:
+            f()
+        except exc as e:
+            print(what, "raised", type(e).__name__, e, flush=True)
+        else:
+            print(what, "did not raise", flush=True)
+
+    backend, x = CpuBackend(1), np.ones((2, 32), np.float32)
+    def matmul_width():
+        with Graph(backend) as g:
+            g.matmul(weight(8, 16), g.input(x))
+    def swiglu_shapes():
+        with Graph(backend) as g:
+            xin = g.input(x)
+            g.swiglu(g.matmul(weight(8, 32), xin), g.matmul(weight(4, 32), xin))
+    def add_broadcast():
+        with Graph(backend) as g:
+            xin = g.input(x)
+            g.add(g.matmul(weight(8, 32), xin), g.matmul(weight(3, 32), xin))
+    def leaves():  # HeadLinear with one head too many: a weight and an input leaf per head
+        ws = [weight(32, 32) for _ in range(Graph.MAX_NODES // 2 + 1)]
+        with Graph(backend) as g:
+            g.compute([(g.matmul(w, g.input(x)), (2, 32)) for w in ws])
+    expect("matmul width", ValueError, matmul_width)
+    expect("swiglu shapes", ValueError, swiglu_shapes)
+    expect("add broadcast", ValueError, add_broadcast)
+    expect("graph leaves", RuntimeError, leaves)
+    expect("i32 weight", ValueError, lambda: weight(32, 32, QT.I32))
+    ws = [weight(32, 32) for _ in range(Graph.MAX_NODES // 2)]  # exactly at the limit: runs
+    with Graph(backend) as g:
+        ys = g.compute([(g.matmul(w, g.input(x)), (2, 32)) for w in ws])
+    print("at the limit", len(ys), float(sum(y.sum() for y in ys)))
+""")
+
+
+def test_native_guards_raise_where_ggml_would_abort():
+    done = subprocess.run([sys.executable, "-c", _NATIVE_GUARDS], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert len(lines) == 6 and all(" raised " in line for line in lines[:5]), done.stdout
+    assert "w8x16: the input has 32 values per row" in lines[0]
+    assert lines[3].startswith("graph leaves raised RuntimeError graph too large")
+    assert lines[5] == f"at the limit {Graph.MAX_NODES // 2} 0.0"
+
+
+_GENERATE_EACH = textwrap.dedent("""
+    import contextlib, io, json, sys
+    from edgemoe.cli import main
+    for path in sys.argv[1:]:
+        print(json.dumps({"start": path}), flush=True)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            rc = main(["generate", path, "-p", "def f(x):", "-n", "2", "--threads", "1"])
+        print(json.dumps({"path": path, "rc": rc, "stderr": err.getvalue()}), flush=True)
+""")
+
+
+def test_generate_on_crafted_files_is_one_line_error_in_a_child(crafted):
+    """What a user sees: `edgemoe generate` exits 2 with one line naming the file; nothing aborts."""
+    import json
+
+    paths = [str(crafted[case]) for case, *_ in CRAFTED]
+    done = subprocess.run([sys.executable, "-c", _GENERATE_EACH, *paths], capture_output=True, text=True, timeout=600)
+    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert done.returncode == 0, f"exit {done.returncode} while running {events[-1] if events else '?'}: {done.stderr[-2000:]}"
+    results = [e for e in events if "rc" in e]
+    assert [r["path"] for r in results] == paths
+    for r in results:
+        lines = r["stderr"].strip().splitlines()
+        assert r["rc"] == 2 and len(lines) == 1, r
+        assert lines[0].startswith(f"edgemoe generate: error: {r['path']}: tensor "), r
