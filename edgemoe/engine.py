@@ -71,8 +71,8 @@ class Engine:
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self.file = GGUFFile(self.path)
-        check_model(self.file)  # every dense tensor's shape against the file's hyper-parameters
         check_current_layout(self.file)  # first: an old per-expert file gets what it is and the fix
+        check_model(self.file)  # every dense tensor's shape against the file's hyper-parameters
         cls = model_class(self.file.arch)
         self.backend = CpuBackend(config.n_threads)
         self.specs = find_experts(self.file)
