@@ -234,10 +234,14 @@ def _predictor_parsers(sub) -> None:
     t = psub.add_parser("train", help="train on routing traces, export to ONNX",
                         description="Fit the predictor on traces from `edgemoe trace` (edgemoe backend: they carry "
                                     "the router look-ahead) and write an ONNX file that records the model's layer "
-                                    "and expert counts. Put it beside the model as MODEL.predictor.onnx to have "
-                                    "`--predictor learned` find it.")
+                                    "and expert counts. `--predictor learned` finds it embedded in the model "
+                                    "(--embed) or beside it as MODEL.predictor.onnx.")
     t.add_argument("traces", type=Path, nargs="+", help="trace files (one model)")
-    t.add_argument("-o", "--output", type=Path, required=True, help="ONNX file to write")
+    t.add_argument("-o", "--output", type=Path, default=None, help="ONNX file to write (needed without --embed)")
+    t.add_argument("--embed", type=Path, default=None, metavar="MODEL.gguf",
+                   help="also embed the predictor in this GGUF (key edgemoe.predictor.onnx; the file is rewritten "
+                        "atomically, a stock file stays loadable by llama.cpp); checked against the traces' model "
+                        "before training")
     t.add_argument("--epochs", type=int, default=40, help="at most this many epochs (early stopping; default 40)")
     t.add_argument("--hidden", type=int, default=128, help="hidden width of the MLP (default 128)")
     t.add_argument("--horizon", type=int, default=3, help="MoE layers ahead to predict (1-3, default 3)")

@@ -52,8 +52,8 @@ def summarize(model: GGUFFile) -> ModelSummary:
         reason = (f"edgemoe extended layout v{int(model.field(KEY_VERSION))}: one tensor set per expert with its own "
                   "type, per-layer expert counts and low-rank experts, which stock llama.cpp cannot load; run it "
                   "with --backend edgemoe")
-    elif ours:
-        reason = "uses edgemoe's extended layout (" + ", ".join(ours[:3]) + ")"
+    elif ours:  # metadata only (an embedded predictor): llama.cpp ignores keys it does not know
+        reason = "stock llama.cpp layout, plus " + ", ".join(ours[:3]) + " (ignored by llama.cpp)"
     else:
         reason = "stock llama.cpp layout"
     return ModelSummary(
@@ -61,6 +61,6 @@ def summarize(model: GGUFFile) -> ModelSummary:
         n_layers=n_layers, experts_per_layer=tuple(per_layer),
         experts_used=int(model.arch_field("expert_used_count", 0)),
         type_counts=dict(Counter(t.qtype.name for t in model.tensors.values())),
-        expert_bytes=expert, dense_bytes=dense, stock_loadable=not ours, stock_reason=reason,
+        expert_bytes=expert, dense_bytes=dense, stock_loadable=not extended, stock_reason=reason,
         layer_types=tuple(dict(c) for c in layer_types), layer_expert_bytes=tuple(layer_bytes), layout=layout,
         original_experts=int(model.arch_field("expert_count", 0)), layer_ranks=tuple(map(tuple, layer_ranks)))

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from edgemoe.events import StepEvent
-from edgemoe.gguf_file import EDGEMOE_KEY_PREFIX, GGUFFile, ModelFileError
+from edgemoe.gguf_file import GGUFFile, ModelFileError
 from edgemoe.memory import peak_rss_bytes
 from edgemoe.text import split_complete_utf8
 
@@ -78,7 +78,9 @@ def open_llama(path: Path, n_ctx: int = 512, seed: int = 0, logits_all: bool = F
     from llama_cpp import llama_cpp as low_level  # the module Llama() itself calls into
 
     model = GGUFFile(path)  # validates offsets and sizes before llama.cpp touches the file
-    if any(k.startswith(EDGEMOE_KEY_PREFIX) for k in model.keys()):
+    from edgemoe.layout import is_extended
+
+    if is_extended(model):  # other edgemoe. keys (an embedded predictor) are metadata llama.cpp ignores
         raise ModelFileError(f"{path} uses edgemoe's extended layout, which stock llama.cpp cannot load; "
                              "use --backend edgemoe")
     from edgemoe.legacy import check_current_layout

@@ -90,13 +90,26 @@ def eval_cmd(args: argparse.Namespace) -> int:
 
 
 def predictor_train_cmd(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from edgemoe.predictor.base import PredictorError
+    from edgemoe.predictor.embed import check_target, embed
     from edgemoe.predictor.train import train
 
+    if args.output is None and args.embed is None:
+        raise PredictorError("give -o FILE.onnx, --embed MODEL.gguf, or both")
+    if args.embed is not None:
+        check_target(args.embed, args.traces)
     console = Console(stderr=True)
-    report = train(args.traces, args.output, horizon=args.horizon, hidden=args.hidden, epochs=args.epochs,
-                   seed=args.seed, on_epoch=lambda e, loss: console.print(f"  epoch {e}: val loss {loss:.4f}"))
-    precision = ", ".join(f"+{h + 1}: {100 * p:.1f}%" for h, p in enumerate(report.val_precision_at_k))
-    print(f"wrote {report.path}: {report.samples} samples ({report.val_samples} validation), best epoch "
+    with tempfile.TemporaryDirectory(prefix=".edgemoe-predictor-") as tmp:
+        out = args.output or Path(tmp) / "predictor.onnx"
+        report = train(args.traces, out, horizon=args.horizon, hidden=args.hidden, epochs=args.epochs,
+                       seed=args.seed, on_epoch=lambda e, loss: console.print(f"  epoch {e}: val loss {loss:.4f}"))
+        precision = ", ".join(f"+{h + 1}: {100 * p:.1f}%" for h, p in enumerate(report.val_precision_at_k))
+        where = [str(args.output)] if args.output else []
+        if args.embed is not None:
+            where.append(f"{args.embed} (embedded, {embed(args.embed, out) / 1024:.0f} KiB)")
+    print(f"wrote {' and '.join(where)}: {report.samples} samples ({report.val_samples} validation), best epoch "
           f"{report.epochs}, val loss {report.val_loss:.4f}, top-k precision by layers ahead {precision}"
           f"{'' if report.use_logits else ' (no router look-ahead in the traces)'}, {report.seconds:.1f}s")
     return 0

@@ -5,7 +5,8 @@ compute. The file's metadata_props say which model it was trained for; a file fo
 or expert count is refused with a `PredictorError` (the engine then prefetches without it).
 
 Where the file lives: an explicit path, or beside the model (`demo.gguf` -> `demo.predictor.onnx`),
-or embedded in an extended-layout GGUF under the key `edgemoe.predictor.onnx` (uint8 array).
+or embedded in the model's GGUF under the key `edgemoe.predictor.onnx` (uint8 array), as
+`edgemoe predictor train --embed MODEL.gguf` writes it (predictor/embed.py).
 """
 from __future__ import annotations
 
