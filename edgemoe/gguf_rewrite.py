@@ -77,6 +77,8 @@ def rewrite(model: GGUFFile, out: Path, tensors: list[TensorSource], set_kv: dic
         if key.startswith("GGUF.") or key in _SKIPPED_KEYS or key in drop_kv or key in set_kv:
             continue
         kv = _stored(field)
+        if kv.vtype == VT.ARRAY and not kv.value:
+            continue  # gguf-py cannot write an empty array (and it carries nothing)
         w.add_key_value(key, kv.value, kv.vtype, sub_type=kv.sub_type)
     for key, kv in set_kv.items():
         w.add_key_value(key, kv.value, kv.vtype, sub_type=kv.sub_type)
