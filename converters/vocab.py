@@ -28,8 +28,16 @@ def write_vocab(w: gguf.GGUFWriter, folder: Path, vocab_size: int) -> str:
                        "copy the tokenizer files of the original model into it")
 
 
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConvertError(f"{path} is not valid JSON ({exc}); copy the tokenizer files of the original "
+                           "model into the checkpoint folder") from None
+
+
 def _write_bpe(w: gguf.GGUFWriter, folder: Path, vocab_size: int) -> None:
-    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    spec = _json(folder / "tokenizer.json")
     model = spec.get("model") or {}
     if model.get("type") != "BPE":
         raise ConvertError(f"{folder / 'tokenizer.json'}: tokenizer model {model.get('type')!r} is not supported "
@@ -77,7 +85,7 @@ def _write_sentencepiece(w: gguf.GGUFWriter, folder: Path, vocab_size: int) -> N
                        else TokenType.NORMAL)
     added = folder / "added_tokens.json"
     if added.is_file():
-        for piece, i in json.loads(added.read_text(encoding="utf-8")).items():
+        for piece, i in _json(added).items():
             if i < n:
                 tokens[i], scores[i], toktypes[i] = piece.encode("utf-8"), -1000.0, TokenType.USER_DEFINED
     w.add_tokenizer_model("llama")

@@ -17,6 +17,7 @@ import gguf.quants
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
+from edgemoe.errors import InputError
 from edgemoe.expert_store import ExpertPart, ExpertSpec, ResidentExpert, read_expert
 from edgemoe.native.quant import FLOAT_TYPES, quantize, row_bytes
 from edgemoe.native.tensors import aligned_empty
@@ -29,7 +30,7 @@ def parse_low_type(name: str) -> QT:
     try:
         return LOW_TYPES[name.lower()]
     except KeyError:
-        raise ValueError(f"dual precision low type {name!r} is not one of {', '.join(LOW_TYPES)}") from None
+        raise InputError(f"dual precision low type {name!r} is not one of {', '.join(LOW_TYPES)}") from None
 
 
 def bits_per_weight(qtype: QT) -> float:

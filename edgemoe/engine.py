@@ -17,6 +17,7 @@ from edgemoe.arch import model_class
 from edgemoe.events import CacheStats, StepEvent
 from edgemoe.expert_cache import ExpertCache
 from edgemoe.expert_store import find_experts
+from edgemoe.errors import InputError
 from edgemoe.gguf_file import GGUFFile
 from edgemoe.legacy import check_current_layout
 from edgemoe.memory import peak_rss_bytes
@@ -130,7 +131,7 @@ class Engine:
         sampling seed (default: the config's)."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if len(ids) + max_tokens > self.config.n_ctx:
-            raise ValueError(f"prompt ({len(ids)} tokens) + {max_tokens} new tokens exceed the context "
+            raise InputError(f"prompt ({len(ids)} tokens) + {max_tokens} new tokens exceed the context "
                              f"of {self.config.n_ctx}; raise --ctx or shorten the prompt")
         if self._kv is None:
             self._kv = self.model.new_kv(self.config.n_ctx)

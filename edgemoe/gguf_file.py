@@ -16,6 +16,8 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
+from edgemoe.errors import EdgemoeError
+
 EDGEMOE_KEY_PREFIX = "edgemoe."
 VOCAB_KEY = "tokenizer.ggml.tokens"
 # gguf-py 0.19 sizes Q8_1 blocks at 40 bytes, ggml at 36: its byte counts cannot be trusted. It is
@@ -24,7 +26,7 @@ _SIZE_DISAGREES = {QT.Q8_1}
 TENSOR_ALIGNMENT = 32  # ggml_backend_cpu_buffer_from_ptr's requirement (edgemoe.native.tensors.ALIGNMENT)
 
 
-class ModelFileError(Exception):
+class ModelFileError(EdgemoeError):
     """A model file that is missing, unreadable, truncated or not a GGUF file."""
 
 

@@ -7,8 +7,10 @@ import resource
 import sys
 from typing import Callable
 
+from edgemoe.errors import InputError
 
-class SizeError(ValueError):
+
+class SizeError(InputError):
     """A byte size, budget or list of budget shares that cannot be read: says which and how to write it."""
 
 

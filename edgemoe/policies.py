@@ -11,6 +11,8 @@ import math
 import random
 from collections import defaultdict
 
+from edgemoe.errors import InputError
+
 Key = tuple[int, int]
 
 
@@ -127,7 +129,7 @@ def make_policy(name: str, future: list[Key] | None = None, seed: int = 0) -> Po
         return RandomPolicy(seed)
     if name == "belady":
         if future is None:
-            raise ValueError("the belady policy needs a recorded routing trace (the future accesses); "
+            raise InputError("the belady policy needs a recorded routing trace (the future accesses); "
                              "record one with `edgemoe trace` and pass it with --trace")
         return Belady(future)
-    raise ValueError(f"unknown cache policy {name!r}; choose one of {', '.join(POLICIES)}")
+    raise InputError(f"unknown cache policy {name!r}; choose one of {', '.join(POLICIES)}")

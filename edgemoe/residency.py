@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from edgemoe.errors import InputError
 from edgemoe.policies import Key, Policy
 
 
-class BudgetError(ValueError):
+class BudgetError(InputError):
     """A budget that cannot hold even one expert."""
 
 

@@ -16,12 +16,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgemoe.errors import InputError
 from edgemoe.policies import Key
 
 FORMAT = "edgemoe-trace/1"
 
 
-class TraceError(ValueError):
+class TraceError(InputError):
     """A trace file that is missing, malformed, or for another model."""
 
 

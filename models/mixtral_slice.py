@@ -20,6 +20,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import MODEL_TENSOR as T
 
 from edgemoe.converters.arch.base import PlannedTensor
+from edgemoe.errors import InputError
 from edgemoe.converters.convert import write_gguf
 from edgemoe.converters.types import parse_output_type
 from edgemoe.converters.vocab import write_vocab
@@ -72,7 +73,7 @@ def plan_slice(n_layers: int, qtype: QT, seed: int = 0) -> list[PlannedTensor]:
 
 def write_mixtral_slice(out: str | Path, n_layers: int = 2, out_type: str = "q4_k", seed: int = 0) -> Path:
     if not 1 <= n_layers <= 32:
-        raise ValueError(f"--layers must be 1..32, got {n_layers}")
+        raise InputError(f"--layers must be 1..32, got {n_layers}")
     qtype, file_type = parse_output_type(out_type)
     w = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     w.add_name(f"mixtral-slice-{n_layers}L")

@@ -10,8 +10,10 @@ import functools
 import importlib.util
 from pathlib import Path
 
+from edgemoe.errors import EdgemoeError
 
-class NativeLibraryError(RuntimeError):
+
+class NativeLibraryError(EdgemoeError, RuntimeError):
     """ggml's shared libraries could not be found or loaded."""
 
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgemoe.errors import InputError
 from edgemoe.events import CacheStats, StepEvent
 from edgemoe.gguf_file import GGUFFile
 from edgemoe.inspect_model import ModelSummary, summarize
@@ -112,7 +113,7 @@ class EngineChat(_OneStream):
         from edgemoe.policies import make_policy
 
         if name not in LIVE_POLICIES:
-            raise ValueError(f"policy {name!r} cannot be switched to live; choose one of {', '.join(LIVE_POLICIES)}")
+            raise InputError(f"policy {name!r} cannot be switched to live; choose one of {', '.join(LIVE_POLICIES)}")
         self.engine.cache.set_policy(make_policy(name, seed=self.seed))
         self.policy = name
 
@@ -158,10 +159,10 @@ class LlamaChat(_OneStream):
                 yield event
 
     def set_budget(self, budget_bytes: int) -> CacheStats:
-        raise ValueError("the llama backend keeps every expert mapped; budgets need --backend edgemoe")
+        raise InputError("the llama backend keeps every expert mapped; budgets need --backend edgemoe")
 
     def set_policy(self, name: str) -> None:
-        raise ValueError("the llama backend has no expert cache; policies need --backend edgemoe")
+        raise InputError("the llama backend has no expert cache; policies need --backend edgemoe")
 
     def residency(self) -> None:
         return None

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from edgemoe.errors import InputError
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -24,21 +26,21 @@ def read_sampling(temperature: str, top_p: str, max_tokens: str, n_ctx: int) -> 
     try:
         t = float(temperature)
     except ValueError:
-        raise ValueError(f"temperature {temperature!r} is not a number (0 = greedy)") from None
+        raise InputError(f"temperature {temperature!r} is not a number (0 = greedy)") from None
     try:
         p = float(top_p)
     except ValueError:
-        raise ValueError(f"top-p {top_p!r} is not a number in (0, 1]") from None
+        raise InputError(f"top-p {top_p!r} is not a number in (0, 1]") from None
     try:
         n = int(max_tokens)
     except ValueError:
-        raise ValueError(f"max tokens {max_tokens!r} is not a whole number") from None
+        raise InputError(f"max tokens {max_tokens!r} is not a whole number") from None
     if t < 0:
-        raise ValueError("temperature must be 0 (greedy) or more")
+        raise InputError("temperature must be 0 (greedy) or more")
     if not 0 < p <= 1:
-        raise ValueError("top-p must be in (0, 1]")
+        raise InputError("top-p must be in (0, 1]")
     if not 1 <= n <= n_ctx - 2:
-        raise ValueError(f"max tokens must be between 1 and {n_ctx - 2} (the context is {n_ctx} tokens)")
+        raise InputError(f"max tokens must be between 1 and {n_ctx - 2} (the context is {n_ctx} tokens)")
     return Sampling(t, p, n)
 
 
@@ -106,7 +108,7 @@ def build_prompt(conversation: Conversation, vocab: Vocab, limit_tokens: int) ->
     turns are dropped first, then the oldest tokens of what is left (keeping the first token,
     usually BOS)."""
     if limit_tokens < 2:
-        raise ValueError(f"no room for a prompt: the context leaves {limit_tokens} tokens after "
+        raise InputError(f"no room for a prompt: the context leaves {limit_tokens} tokens after "
                          "max tokens; lower max tokens in settings (F3) or raise --ctx")
     turns = list(conversation.turns)
     dropped = 0

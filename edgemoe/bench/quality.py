@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edgemoe.errors import InputError
+
 DEFAULT_WINDOW = 256
 
 
@@ -151,7 +153,7 @@ def evaluate(models: list[str | Path], reference: str | Path, windows: list[list
         if windows is None:
             windows = heldout_windows(ref.tokenizer, max_windows=max_windows)
         if not windows:
-            raise ValueError("no evaluation windows: the text is shorter than one window")
+            raise InputError("no evaluation windows: the text is shorter than one window")
         sums = [QualitySums() for _ in engines]
         for w in windows:
             ref_lg = ref.logits(w)

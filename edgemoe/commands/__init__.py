@@ -12,10 +12,9 @@ from __future__ import annotations
 
 
 def user_errors() -> tuple[type[Exception], ...]:
-    """Exceptions shown as a one-line error (no traceback): bad input the user can fix."""
-    from edgemoe.converters.errors import ConvertError
-    from edgemoe.gguf_file import ModelFileError
-    from edgemoe.residency import BudgetError
-    from edgemoe.trace import TraceError
+    """Exceptions shown as a one-line error (no traceback): bad input the user can fix, i.e. the
+    project's own errors (edgemoe.errors) and the OS's file errors. Anything else is a bug and keeps
+    its traceback, a ValueError from deep inside included."""
+    from edgemoe.errors import EdgemoeError
 
-    return (ConvertError, ModelFileError, BudgetError, TraceError, FileNotFoundError, PermissionError, ValueError)
+    return (EdgemoeError, FileNotFoundError, PermissionError)

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edgemoe.errors import InputError
 from edgemoe.gguf_file import GGUFFile
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ def expert_bytes_total(path) -> int:
     return sum(s.alloc_bytes for s in find_experts(GGUFFile(path)).values())
 
 
-class PromptFileError(ValueError):
+class PromptFileError(InputError):
     """A --prompts file that is missing, unreadable, not UTF-8 or holds no prompt."""
 
 
@@ -51,7 +52,7 @@ def engine_config(args: argparse.Namespace, path) -> "EngineConfig":
     future = None
     if args.policy == "belady":
         if args.trace is None:
-            raise ValueError("--policy belady needs --trace TRACE (the future accesses); record one with `edgemoe trace`")
+            raise InputError("--policy belady needs --trace TRACE (the future accesses); record one with `edgemoe trace`")
         from edgemoe.trace import Trace
         future = tuple(Trace.load(args.trace).demand_sequence())
     predictor, predictor_path = predictor_choice(getattr(args, "predictor", None))

@@ -7,6 +7,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from edgemoe.errors import InputError
 from edgemoe.gguf_file import GGUFFile
 
 
@@ -24,7 +25,7 @@ def convert_cmd(args: argparse.Namespace) -> int:
         if getattr(args, "mixed", False):
             return _convert_mixed(args, console, on_progress, lambda text: bar.update(task, description=text))
         if args.expert_bytes is not None or args.avg_bits is not None or args.calibration is not None:
-            raise ValueError("--expert-bytes, --avg-bits and --calibration need --mixed")
+            raise InputError("--expert-bytes, --avg-bits and --calibration need --mixed")
         report = convert(args.hf_dir, args.output, args.type or "f16", on_progress=on_progress)
     console.print(f"wrote {report.path} ({report.architecture}, {report.n_tensors} tensors, "
                   f"{report.total_bytes / 2**20:.1f} MiB, experts {report.expert_bytes / 2**20:.1f} MiB) "

@@ -7,6 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgemoe.commands.common import model_path, read_prompts, routing_tap
+from edgemoe.errors import InputError
 from edgemoe.gguf_file import GGUFFile
 
 
@@ -18,7 +19,7 @@ def trace_cmd(args: argparse.Namespace) -> int:
     if args.prompts:
         prompts += read_prompts(args.prompts)
     if not prompts:
-        raise ValueError("give at least one prompt with -p or --prompts FILE")
+        raise InputError("give at least one prompt with -p or --prompts FILE")
     path = model_path(args.model)
     if args.backend == "llama":
         trace = _trace_llama(path, prompts, args.max_tokens)

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgemoe.errors import InputError
+
 Prediction = list[tuple[int, int]]  # (ahead, expert)
 
 
-class PredictorError(ValueError):
+class PredictorError(InputError):
     """A predictor file that is missing, corrupt, or made for another model."""
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from edgemoe.errors import InputError
 from edgemoe.memory import parse_bytes
 
 FORMAT = "edgemoe-profile/1"
@@ -22,7 +23,7 @@ INFO = ("format", "model_bytes", "budget_share", "confirmed", "created_by", "cre
         "measured", "predicted", "machine")
 
 
-class ProfileError(ValueError):
+class ProfileError(InputError):
     """A profile file that is missing, not YAML, or has a field of the wrong kind."""
 
 

@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from edgemoe.errors import InputError
 from edgemoe.expert_store import find_experts
 from edgemoe.gguf_file import GGUFFile
 from edgemoe.tune.machine import MachineInfo, probe_machine
@@ -36,7 +37,7 @@ DEFAULT_PROMPTS = (
 )
 
 
-class TuneError(ValueError):
+class TuneError(InputError):
     """Nothing to tune: e.g. no budget fits under the memory cap."""
 
 
