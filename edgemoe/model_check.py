@@ -159,7 +159,13 @@ def _moe(c: _Check, layer: int, n: int, where: str, top_k: int, hidden: int) -> 
     c.tensor(p + "ffn_gate_inp.weight", (n, hidden), f"the router: [experts {n} ({where}), embedding_length {hidden}]",
              matmul=False, dequantized=True)
     if is_extended(c.m):
-        return  # per-expert tensors: edgemoe.expert_store checks each against embedding_length
+        # per-expert tensors: edgemoe.expert_store checks each shape against embedding_length and
+        # its type against the layout's table; whether ggml can multiply that type is checked here
+        for name, info in c.m.tensors.items():
+            if name.startswith(p + "expert.") and info.qtype in NO_MATMUL:
+                raise c.error(f"tensor {name} has type {info.qtype.name}, which the edgemoe engine cannot multiply "
+                              f"(not a weight type); {_FIX}")
+        return
     ffn = c.width(p + "ffn_gate_exps.weight", 1, 3)
     why = f"experts {n} ({where}), expert FFN width {ffn} (ffn_gate_exps), embedding_length {hidden}"
     for role in ("gate", "up"):

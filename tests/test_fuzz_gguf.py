@@ -1,14 +1,18 @@
-"""Fuzzing the GGUF reader and the extended layout: mutated real files (header, counts, kv types,
-string and array lengths, tensor dims/types/offsets, the alignment key, truncation, byte flips,
-the `edgemoe.` expert tables) go through the engine's own open path (GGUFFile, find_experts,
-Engine, one generated token at a tight budget, so expert bytes reach ggml). Each case either runs
-or raises ModelFileError naming the file; anything else is a reader bug.
+"""Fuzzing the GGUF reader, the dense-shape checks and the extended layout: mutated real files
+(header, counts, kv types and values, string and array lengths, tensor dims/types/offsets, the
+alignment key, truncation, byte flips, the `edgemoe.` expert tables) go through the engine's own
+open path (GGUFFile, find_experts, Engine, one generated token at a tight budget, so dense and
+expert bytes reach ggml). Each case either runs or raises ModelFileError naming the file; anything
+else is a bug.
 
-In-process cases use hypothesis (derandomized, fixed budget); a batch also runs in a child
-process, because a bad pointer in native code would kill the process rather than raise.
-Long run (docs/RELIABILITY.md): `EDGEMOE_FUZZ_CASES=20000 pytest tests/test_fuzz_gguf.py`, or
-`python tests/test_fuzz_gguf.py FILE.gguf --cases N --seed S` (exit 0: every case ran or gave
-ModelFileError; a crash leaves the case being run in FILE.gguf.case).
+Sources (SOURCES): the tiny checkpoint of every architecture in q8_0 (stock layout), per-expert
+mixed precision (extended layout v1) and compressed files (pruned layers, low-rank experts:
+extended layout v2). In-process cases use hypothesis (derandomized, fixed budget); a batch over
+every source also runs in a child process, because native code would abort or segfault rather
+than raise. CI runs a few hundred cases in all. Long run (docs/RELIABILITY.md):
+`python tests/test_fuzz_gguf.py --tiny DIR --cases N --seed S --keep-going` (N cases per source;
+exit 0: every case ran or gave ModelFileError; a crash leaves the case being run in DIR/case.txt),
+or `python tests/test_fuzz_gguf.py FILE.gguf ... --cases N` for files of your own.
 """
 from __future__ import annotations
 
@@ -22,9 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-CASES = int(os.environ.get("EDGEMOE_FUZZ_CASES", "150"))  # per file; CI-sized
-CHILD_CASES = int(os.environ.get("EDGEMOE_FUZZ_CHILD_CASES", "60"))
+CASES = int(os.environ.get("EDGEMOE_FUZZ_CASES", "20"))  # per source; CI-sized (9 sources)
+CHILD_CASES = int(os.environ.get("EDGEMOE_FUZZ_CHILD_CASES", "12"))
 PROMPT = "def f(x):"
+# name -> how tests/tiny_files.py makes it: every architecture stock, two mixed, two compressed
+SOURCES = {**{arch: ("stock", arch) for arch in ("mixtral", "qwen2moe", "deepseek2", "olmoe", "qwen3moe")},
+           "mixed-mixtral": ("mixed", "mixtral"), "mixed-deepseek2": ("mixed", "deepseek2"),
+           "compressed-qwen2moe": ("compressed", "qwen2moe"), "compressed-deepseek2": ("compressed", "deepseek2")}
 # interesting integers for a field of a given width: boundaries, sign flips, near-size values
 _EDGES = [0, 1, 2, 3, 7, 31, 32, 33, 63, 64, 255, 256, 4095, 4096, 65535, 65536, 2**31 - 1, 2**31, 2**32 - 1,
           2**32, 2**40, 2**62, 2**63 - 1, 2**63, 2**64 - 1]
@@ -205,6 +213,15 @@ def run_cases(source: Path, work: Path, n: int, seed: int, log: Path | None = No
     return outcomes
 
 
+def build_sources(root: Path) -> dict[str, Path]:
+    """SOURCES' files under `root` (reused when already there)."""
+    import tiny_files
+
+    made = {"stock": lambda arch: tiny_files.stock(arch, "q8_0", root), "mixed": lambda arch: tiny_files.mixed(arch, root),
+            "compressed": lambda arch: tiny_files.compressed(arch, root)}
+    return {name: made[kind](arch) for name, (kind, arch) in SOURCES.items()}
+
+
 # ---- pytest -------------------------------------------------------------------------------
 try:
     import pytest
@@ -221,23 +238,15 @@ if pytest is not None:
 
     @pytest.fixture(scope="module")
     def sources(tmp_path_factory):
-        """The demo model in q8_0 (stock layout) and a tiny Mixtral in the extended layout."""
-        from edgemoe.converters.mixed import convert_mixed
-        from edgemoe.demo import demo_gguf
-        from edgemoe.models.tiny import tiny_checkpoint
-
-        root = tmp_path_factory.mktemp("fuzz")
-        mixed = convert_mixed(tiny_checkpoint("mixtral"), root / "mixed.gguf", avg_bits=4.0, n_tokens=256,
-                              n_threads=1).written.path
-        return {"stock": Path(demo_gguf()), "extended": Path(mixed)}
+        return build_sources(tmp_path_factory.mktemp("fuzz"))
 
     @pytest.mark.slow
-    @pytest.mark.parametrize("layout", ["stock", "extended"])
-    def test_mutated_files_run_or_raise_model_file_error(sources, layout, tmp_path):
-        source = sources[layout]
+    @pytest.mark.parametrize("name", list(SOURCES))
+    def test_mutated_files_run_or_raise_model_file_error(sources, name, tmp_path):
+        source = sources[name]
         data = source.read_bytes()
         slots, data_start = metadata_slots(source)
-        tally = TALLY.setdefault(layout, Counter())
+        tally = TALLY.setdefault(name, Counter())
         target = tmp_path / "fuzz.gguf"
 
         @FUZZ_SETTINGS
@@ -249,26 +258,26 @@ if pytest is not None:
             tally[open_and_run(target)] += 1
 
         case()
-        print(f"{layout}: {sum(tally.values())} cases: {dict(tally)}")
+        print(f"{name}: {sum(tally.values())} cases: {dict(tally)}")
         assert sum(tally.values()) >= CASES
-        assert tally["ModelFileError"] > 0 and tally["ok"] > 0  # the mutations both break and spare files
+        assert tally["ModelFileError"] > 0  # the mutations break files (and, over a long run, spare some)
 
     @pytest.mark.slow
-    @pytest.mark.parametrize("layout", ["stock", "extended"])
-    def test_child_process_survives_a_batch(sources, layout, tmp_path):
+    def test_child_process_survives_a_batch_of_every_source(sources, tmp_path):
         """Native code would abort or segfault here rather than raise: the exit code tells."""
-        done = subprocess.run([sys.executable, __file__, str(sources[layout]), "--cases", str(CHILD_CASES),
+        done = subprocess.run([sys.executable, __file__, *map(str, sources.values()), "--cases", str(CHILD_CASES),
                                "--seed", "7", "--work", str(tmp_path)], capture_output=True, text=True, timeout=600)
         case = (tmp_path / "case.txt").read_text() if (tmp_path / "case.txt").exists() else "?"
         assert done.returncode == 0, f"exit {done.returncode} during {case}\n{done.stderr[-3000:]}"
-        assert "cases:" in done.stdout
-        print(done.stdout.strip().splitlines()[-1])
+        lines = [line for line in done.stdout.splitlines() if " cases: " in line]
+        assert len(lines) == len(sources), done.stdout
+        print("\n".join(lines))
 
     def test_truncation_at_every_region_is_a_clear_error(sources, tmp_path):
         """Deterministic companions to the fuzzer: a cut in the header, the kv pairs, the tensor
         infos and the tensor data each name the file and say what to do."""
         from edgemoe.gguf_file import GGUFFile, ModelFileError
-        source = sources["extended"]
+        source = sources["compressed-deepseek2"]
         data = source.read_bytes()
         slots, data_start = metadata_slots(source)
         cuts = [0, 3, 10, slots[5].offset + 1, next(s.offset for s in slots if s.what.startswith("tensor")) + 2,
@@ -284,17 +293,29 @@ if __name__ == "__main__":
     import argparse
     import time
 
-    parser = argparse.ArgumentParser(description="seeded GGUF fuzz batch (see module docstring)")
-    parser.add_argument("source", type=Path)
-    parser.add_argument("--cases", type=int, default=1000)
+    parser = argparse.ArgumentParser(description="seeded GGUF fuzz batches (see module docstring)")
+    parser.add_argument("source", type=Path, nargs="*", help="GGUF files to mutate")
+    parser.add_argument("--tiny", type=Path, default=None, metavar="DIR",
+                        help="also every file of SOURCES, built from the tiny checkpoints into DIR (reused)")
+    parser.add_argument("--cases", type=int, default=1000, help="cases per source")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--keep-going", action="store_true", help="report every failing case, exit 1 at the end")
     args = parser.parse_args()
     import torch
     torch.set_num_threads(1)
-    work = args.work or args.source.parent
-    start = time.perf_counter()
-    result = run_cases(args.source, work, args.cases, args.seed, log=work / "case.txt", keep_going=args.keep_going)
-    print(f"{args.source.name}: {sum(result.values())} cases: {dict(result)} in {time.perf_counter() - start:.0f}s")
-    sys.exit(1 if any(k.startswith("BUG") for k in result) else 0)
+    sources = list(args.source)
+    if args.tiny is not None:
+        args.tiny.mkdir(parents=True, exist_ok=True)
+        sources += list(build_sources(args.tiny).values())
+    if not sources:
+        parser.error("give GGUF files or --tiny DIR")
+    bugs = False
+    for source in sources:
+        work = args.work or source.parent
+        start = time.perf_counter()
+        result = run_cases(source, work, args.cases, args.seed, log=work / "case.txt", keep_going=args.keep_going)
+        print(f"{source.name}: {sum(result.values())} cases: {dict(result)} in {time.perf_counter() - start:.0f}s",
+              flush=True)
+        bugs = bugs or any(k.startswith("BUG") for k in result)
+    sys.exit(1 if bugs else 0)

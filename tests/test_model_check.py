@@ -181,3 +181,13 @@ def test_generate_on_crafted_files_is_one_line_error_in_a_child(crafted):
         lines = r["stderr"].strip().splitlines()
         assert r["rc"] == 2 and len(lines) == 1, r
         assert lines[0].startswith(f"edgemoe generate: error: {r['path']}: tensor "), r
+
+
+def test_extended_expert_of_a_type_ggml_cannot_multiply_is_refused(tmp_path):
+    """An I32 expert matrix (the layout's type table is checked later, by expert_store): ggml's
+    matmul on it segfaulted."""
+    path = tmp_path / "i32-expert.gguf"
+    shutil.copy(tiny_files.mixed("deepseek2", tmp_path), path)
+    set_tensor_type(path, "blk.1.expert.0.ffn_up.weight", 26)
+    with pytest.raises(ModelFileError, match=r"blk\.1\.expert\.0\.ffn_up\.weight has type I32.*cannot multiply"):
+        check_model(GGUFFile(path))
