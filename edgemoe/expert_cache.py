@@ -45,6 +45,9 @@ def _check_shapes(path, specs: dict[Key, ExpertSpec]) -> None:
                                  f"down {d.rows}x{d.cols}; they do not form one FFN, the file is corrupt")
 
 
+HALT_WAIT_S = 5.0  # after a failed demand read, how long to wait for background loads in flight
+
+
 class _Specs(dict):
     """key -> ExpertSpec; routing to an expert the file lacks is a ModelFileError naming the file."""
 
@@ -60,21 +63,27 @@ class _Specs(dict):
 class ExpertCache:
     def __init__(self, path: str | os.PathLike, specs: dict[Key, ExpertSpec], budget_bytes: int, policy: Policy,
                  n_layers: int, low: LowCopies | None = None, load_above: float = 0.5, stale_after: int = 64,
-                 background_load: bool = False):
+                 background_load: bool = False, sizes: dict[Key, int] | None = None,
+                 loader: ExpertLoader | None = None):
+        """sizes: what the budget counts per expert (default each spec's `alloc_bytes`); a cache
+        that keeps experts elsewhere (edgemoe/llama_budget.py) counts its own footprint.
+        loader: the reads (default a new ExpertLoader of `path`, closed with the cache)."""
         self.specs, self.n_layers = _Specs(path, specs), n_layers
         _check_shapes(path, specs)
         self.low, self.load_above, self.stale_after = low, load_above, stale_after
         self.background_load = background_load  # False: a low-served miss loads nothing (low "instead of" full)
-        self.state = Residency({k: s.alloc_bytes for k, s in specs.items()}, budget_bytes, policy)
+        sizes = sizes if sizes is not None else {k: s.alloc_bytes for k, s in specs.items()}
+        self.state = Residency(sizes, budget_bytes, policy)
         self.path = os.fspath(path)
         self.fd = os.open(self.path, os.O_RDONLY)
         st = os.fstat(self.fd)
         self.file_size, self._file_mtime_ns = st.st_size, st.st_mtime_ns
         self.file_changed: str | None = None  # set once the file is seen truncated or rewritten: sticky
-        self.loader = ExpertLoader(self.path)  # parallel chunked reads (edgemoe/expert_loader.py)
+        self.loader = loader or ExpertLoader(self.path)  # parallel chunked reads (edgemoe/expert_loader.py)
         self.cond = threading.Condition()
         self.experts: dict[Key, ResidentExpert] = {}
         self.loading: set[Key] = set()
+        self.halted = False  # a demand read failed: no background loads until the next demand access
         self._loads: queue.Queue | None = None
         if low is not None:
             self._loads = queue.LifoQueue()  # (clock at request, key); None stops the loader
@@ -133,9 +142,59 @@ class ExpertCache:
                     return self.low.experts[key], False
         return self._acquire_touched(key), True
 
+    def acquire_many(self, keys: list[Key]) -> list[ResidentExpert]:
+        """`acquire` of each of `keys` (distinct) in order, with the misses' reads in flight
+        together (small experts need the queue depth); each returned expert is pinned until
+        `release`. The touches, hits and evictions are those of acquiring one by one. The keys
+        must fit the budget together (else BudgetError: nothing is pinned or loaded)."""
+        s = self.state
+        need = sum(s.sizes[k] for k in keys)
+        if need > s.budget_bytes:
+            raise BudgetError(f"{len(keys)} experts of {need / 2**20:.2f} MiB do not fit the expert budget of "
+                              f"{s.budget_bytes / 2**20:.2f} MiB together")
+        misses: list[Key] = []
+        t0 = 0.0
+        with self.cond:
+            self.halted = False
+            for key in keys:
+                s.touch(key)
+                if key in self.loading:  # a prefetch is bringing it in: wait for it
+                    t1 = time.perf_counter()
+                    while key in self.loading:
+                        self.cond.wait()
+                    s.c.stall_s += time.perf_counter() - t1
+                if key in s.resident:
+                    s.hit(key)
+                    s.pins[key] += 1
+                    continue
+                s.c.misses += 1
+                t0 = t0 or time.perf_counter()
+                while not s.make_room(s.sizes[key]):  # the rest are unpinned or prefetches in flight
+                    self._drop_evicted()
+                    self.cond.wait()
+                self._drop_evicted()
+                s.begin_load(key)
+                self.loading.add(key)
+                misses.append(key)
+        try:
+            loaded = self._read_many(misses, demand=True) if misses else []
+        except BaseException:
+            for key in keys:
+                if key not in misses:
+                    self.release(key)
+            raise
+        with self.cond:
+            for key, expert in zip(misses, loaded):
+                self._insert(key, expert, prefetched=False)
+                s.pins[key] += 1
+            if misses:
+                s.c.stall_s += time.perf_counter() - t0
+            return [self.experts[k] for k in keys]
+
     def _acquire_touched(self, key: Key) -> ResidentExpert:
         s = self.state
         with self.cond:
+            self.halted = False
             if key in self.loading:  # a prefetch is bringing it in: wait for it
                 t0 = time.perf_counter()
                 while key in self.loading:
@@ -153,7 +212,7 @@ class ExpertCache:
             self._drop_evicted()
             s.begin_load(key)
             self.loading.add(key)
-        expert = self._read(key)
+        expert = self._read(key, demand=True)
         with self.cond:
             self._insert(key, expert, prefetched=False)
             s.c.stall_s += time.perf_counter() - t0
@@ -172,26 +231,42 @@ class ExpertCache:
         if self.file_changed is not None:
             raise ModelFileChanged(self.file_changed)
 
-    def _read(self, key: Key) -> ResidentExpert:
+    def _read(self, key: Key, demand: bool = False) -> ResidentExpert:
+        return self._read_many([key], demand)[0]
+
+    def _read_many(self, keys: list[Key], demand: bool = False) -> list[ResidentExpert]:
+        """Load `keys` (begun with `begin_load`); on any failure every one of them is aborted. A
+        failed demand read stops background loads and waits for those in flight, so the cache is
+        idle when the error reaches the caller (the reply stops; the next one starts clean)."""
         try:
             self.check_file()
             try:
-                spec = self.specs[key]
-                buffer = expert_buffer(spec)
-                self.loader.read_into(spec_ranges(spec), buffer)
-                return ResidentExpert(spec, buffer)
+                return self._load(keys)
             except ModelFileError as exc:
                 self.check_file()  # a short read: say so if the file changed under us
                 raise ModelFileError(f"{self.path}: {exc}") from exc
             except OSError as exc:
-                raise ExpertReadError(f"reading expert {key} from {self.path} failed: {exc.strerror or exc}; "
+                which = f"expert {keys[0]}" if len(keys) == 1 else f"experts {', '.join(map(str, keys))}"
+                raise ExpertReadError(f"reading {which} from {self.path} failed: {exc.strerror or exc}; "
                                       "the reply was stopped, try again (check the disk if it repeats)") from exc
         except BaseException:
             with self.cond:
-                self.loading.discard(key)
-                self.state.abort_load(key)
+                for key in keys:
+                    self.loading.discard(key)
+                    self.state.abort_load(key)
                 self.cond.notify_all()
+                if demand:
+                    self.halted = True
+                    self.cond.wait_for(lambda: not self.loading, timeout=HALT_WAIT_S)
             raise
+
+    def _load(self, keys: list[Key]) -> list[ResidentExpert]:
+        """Read `keys` into fresh buffers, every read in flight together. A subclass that keeps
+        experts elsewhere overrides this; what it returns is `close()`d when evicted."""
+        specs = [self.specs[k] for k in keys]
+        buffers = [expert_buffer(spec) for spec in specs]
+        self.loader.read_many([(spec_ranges(spec), buf) for spec, buf in zip(specs, buffers)])
+        return [ResidentExpert(spec, buf) for spec, buf in zip(specs, buffers)]
 
     def release(self, key: Key) -> None:
         with self.cond:
@@ -212,7 +287,8 @@ class ExpertCache:
         """Load `key` if it fits without evicting pinned or still-unused prefetched experts."""
         s = self.state
         with self.cond:
-            if key in s.resident or key in self.loading or (self.low is not None and key in self.low.exact):
+            if (self.halted or key in s.resident or key in self.loading
+                    or (self.low is not None and key in self.low.exact)):
                 return False
             room = s.make_room(s.sizes[key], exclude=set(s.unused_prefetch))
             self._drop_evicted()
@@ -245,7 +321,7 @@ class ExpertCache:
     def _load_now(self, key: Key) -> None:
         s = self.state
         with self.cond:
-            if key in s.resident or key in self.loading:
+            if self.halted or key in s.resident or key in self.loading:
                 return
             room = s.make_room(s.sizes[key])
             self._drop_evicted()

@@ -117,8 +117,10 @@ class ExpertLoader:
         batch = _Batch(len(jobs))
         self._begin()
         try:
-            for fd, into, offset in jobs:
+            for fd, into, offset in jobs[1:]:
                 self._jobs.put((batch, fd, into, offset))
+            if jobs:  # the caller reads one chunk itself: a one-chunk read never waits on a thread hop
+                self._run(batch, *jobs[0])
             batch.done.wait()
         finally:
             self._end(sum(v.nbytes for _, v, _ in jobs), sum(v.nbytes for fd, v, _ in jobs if fd == self.direct_fd))
@@ -146,19 +148,21 @@ class ExpertLoader:
             item = self._jobs.get()
             if item is None:
                 return
-            batch, fd, into, offset = item
-            error = None
-            if batch.error is None:  # a failed batch skips its remaining chunks
-                try:
-                    self._pread(fd, into, offset)
-                except (OSError, ModelFileError) as exc:
-                    error = exc
-            with self._lock:
-                if error is not None and batch.error is None:
-                    batch.error = error
-                batch.left -= 1
-                if batch.left == 0:
-                    batch.done.set()
+            self._run(*item)
+
+    def _run(self, batch: _Batch, fd: int, into: memoryview, offset: int) -> None:
+        error = None
+        if batch.error is None:  # a failed batch skips its remaining chunks
+            try:
+                self._pread(fd, into, offset)
+            except (OSError, ModelFileError) as exc:
+                error = exc
+        with self._lock:
+            if error is not None and batch.error is None:
+                batch.error = error
+            batch.left -= 1
+            if batch.left == 0:
+                batch.done.set()
 
     def _pread(self, fd: int, into: memoryview, offset: int) -> None:
         got = 0
