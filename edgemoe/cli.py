@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from edgemoe import commands
-from edgemoe.commands import convert, generate, measure, trace, tune
+from edgemoe.commands import convert, generate, measure, serve, trace, tune
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--seed", type=int, default=0)
     _engine_options(ch)
     ch.set_defaults(func=generate.chat_cmd)
+    _serve_parser(sub)
 
     t = sub.add_parser("trace", help="record a routing trace (experts chosen per token and layer)",
                        description="Generate from each prompt with the edgemoe engine and record which experts "
@@ -181,6 +182,33 @@ def build_parser() -> argparse.ArgumentParser:
     tu.set_defaults(func=tune.tune_cmd)
     _predictor_parsers(sub)
     return p
+
+
+def _serve_parser(sub) -> None:
+    sv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
+                        description="An OpenAI-compatible local server (POST /v1/chat/completions and "
+                                    "/v1/completions, streamed or not; GET /v1/models, /health, and /metrics in "
+                                    "Prometheus text with live expert-cache statistics). One generation at a time "
+                                    "with a bounded queue; a prompt that extends the previous one prefills only "
+                                    "the new tokens. Without MODEL, the embedded demo model (no chat template: "
+                                    "plain continuation, said so in each response). See docs/SERVE.md.")
+    sv.add_argument("model", type=Path, nargs="?", default=None, help=".gguf file (default: the demo model)")
+    sv.add_argument("--backend", choices=["edgemoe", "llama"], default="edgemoe",
+                    help="edgemoe: our engine with the budgeted expert cache (default); llama: stock llama.cpp")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    sv.add_argument("--api-key", default=None,
+                    help="require 'Authorization: Bearer KEY' on /v1/* and /metrics (default: $EDGEMOE_API_KEY, "
+                         "else none)")
+    sv.add_argument("--queue", type=int, default=8,
+                    help="requests that may wait while one generates (default 8); more are refused with 429")
+    sv.add_argument("--max-body", default="1MiB", help="largest request body (default 1MiB); larger ones get 413")
+    sv.add_argument("--model-name", default=None, help="model id that /v1/models lists (default: the model's name)")
+    sv.add_argument("--seed", type=int, default=0, help="sampling seed of requests that give none (default 0)")
+    sv.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                    help="uvicorn's log level (default warning; info logs every request)")
+    _engine_options(sv)
+    sv.set_defaults(func=serve.serve_cmd)
 
 
 def _compress_parser(sub) -> None:
