@@ -3,7 +3,11 @@ for requests a client library would not send). Oracle for every text: the engine
 continuation of the same prompt, from a separate engine that prefills it whole."""
 from __future__ import annotations
 
+import http.client
+import json
+import socket
 import time
+from urllib.parse import urlsplit
 
 import openai
 import pytest
@@ -146,6 +150,25 @@ def test_cancelled_stream_frees_the_engine(client, base):
     start = time.monotonic()
     done = client.completions.create(model="demo", prompt=PROMPT, max_tokens=4, temperature=0)
     assert done.usage.completion_tokens == 4 and time.monotonic() - start < 10
+
+
+def test_a_non_streamed_request_whose_client_leaves_is_cancelled(base):
+    before = metrics(base)
+    url = urlsplit(base)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+    conn.request("POST", "/v1/completions", body=json.dumps({"prompt": PROMPT, "max_tokens": 250, "temperature": 0}),
+                 headers={"content-type": "application/json"})
+    deadline = time.monotonic() + 10
+    while not request(base, "GET", "/health")[1]["generating"]:
+        assert time.monotonic() < deadline, "the request never started"
+        time.sleep(0.01)
+    conn.sock.shutdown(socket.SHUT_RDWR)  # the client goes away without reading the answer
+    conn.close()
+    assert wait_idle(base) < 5
+    after = metrics(base)
+    key = 'edgemoe_requests_total{endpoint="completions",outcome="cancelled"}'
+    assert after[key] - before.get(key, 0) == 1
+    assert after["edgemoe_generated_tokens_total"] - before["edgemoe_generated_tokens_total"] < 250
 
 
 def _error(status: int, body: dict, want_status: int, param: str | None = None) -> dict:

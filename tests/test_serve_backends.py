@@ -9,7 +9,11 @@ from serve_fixtures import metrics, request, server_thread, with_chat_template
 from edgemoe.demo import demo_gguf
 from edgemoe.engine import Engine, EngineConfig
 from edgemoe.serve import create_app
+from edgemoe.serve.errors import APIError
+from edgemoe.serve.prompts import chat_ids
+from edgemoe.serve.schemas import ChatCompletionRequest
 from edgemoe.tui.backends import open_backend
+from edgemoe.tui.prompt import Vocab
 
 PROMPT = "This module"
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
@@ -85,15 +89,9 @@ def test_chat_template_renders_messages(templated):
     ("{{ raise_exception('roles must alternate') }}", "roles must alternate"),
     ("{{ messages.__class__.__mro__ }}", "unsafe"),  # the sandbox refuses attribute escapes
 ])
-def test_a_failing_or_unsafe_template_is_a_400(tmp_path, template, says):
-    path = with_chat_template(demo_gguf(), tmp_path / "bad.gguf", template)
-    backend = open_backend(path, "edgemoe", EngineConfig(n_ctx=128))
-    try:
-        with server_thread(create_app(backend)) as url:
-            status, body, _ = request(url, "POST", "/v1/chat/completions",
-                                      {"messages": [{"role": "user", "content": "hi"}]})
-            assert status == 400 and says in body["error"]["message"] and body["error"]["param"] == "messages"
-            done = _client(url).completions.create(model="demo", prompt="x", max_tokens=2)  # still serving
-            assert done.usage.completion_tokens >= 1
-    finally:
-        backend.close()
+def test_a_failing_or_unsafe_template_is_a_400(template, says):
+    vocab = Vocab(lambda text, add_bos, special: [1], "<s>", "</s>", template)
+    req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(APIError) as info:
+        chat_ids(req, vocab)
+    assert info.value.status == 400 and says in info.value.message and info.value.param == "messages"

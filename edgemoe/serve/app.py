@@ -28,7 +28,7 @@ from edgemoe.serve.runner import Failed, Finished, Job, Piece, Runner
 from edgemoe.serve.schemas import ChatCompletionRequest, CompletionRequest
 from edgemoe.tui.prompt import Sampling
 
-DISCONNECT_POLL_S = 0.25  # a non-streamed request checks this often whether its client is still there
+DISCONNECT_POLL_S = 0.1  # a non-streamed request checks this often whether its client is still there
 
 
 @dataclass(frozen=True)
@@ -153,15 +153,19 @@ async def _stream(runner: Runner, job: Job, reply: Reply, include_usage: bool):
 
 async def _collect(runner: Runner, job: Job, reply: Reply, request: Request, headers: dict) -> JSONResponse:
     parts: list[str] = []
+    checked = float("-inf")  # the first check at once: it also lets the server read the socket's end
     try:
         while True:
             try:
                 item = await asyncio.wait_for(job.items.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
+                item = None
+            now = asyncio.get_running_loop().time()
+            if now - checked >= DISCONNECT_POLL_S:  # also while pieces keep coming
+                checked = now
                 if await request.is_disconnected():
                     runner.cancel(job)
                     return JSONResponse(error_body(499, "client closed the request"), 499)
-                continue
             if isinstance(item, Piece):
                 parts.append(item.text)
             elif isinstance(item, Failed):
