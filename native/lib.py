@@ -79,14 +79,12 @@ def _declare_base(lib: ctypes.CDLL) -> None:
     _fn(lib, "ggml_graph_overhead_custom", SZ, SZ, BOOL)
     _fn(lib, "ggml_new_tensor_1d", P, P, INT, I64)
     _fn(lib, "ggml_new_tensor_2d", P, P, INT, I64, I64)
-    _fn(lib, "ggml_new_tensor_3d", P, P, INT, I64, I64, I64)
     _fn(lib, "ggml_nbytes", SZ, P)
     _fn(lib, "ggml_set_input", None, P)
     _fn(lib, "ggml_set_output", None, P)
-    for op in ("ggml_mul_mat", "ggml_mul", "ggml_add", "ggml_swiglu_split", "ggml_geglu_split"):
+    for op in ("ggml_mul_mat", "ggml_mul", "ggml_add", "ggml_swiglu_split"):
         _fn(lib, op, P, P, P, P)
-    for op in ("ggml_silu", "ggml_gelu", "ggml_cont"):
-        _fn(lib, op, P, P, P)
+    _fn(lib, "ggml_cont", P, P, P)
     _fn(lib, "ggml_mul_mat_id", P, P, P, P, P)
     _fn(lib, "ggml_new_graph_custom", P, P, SZ, BOOL)
     _fn(lib, "ggml_build_forward_expand", None, P, P)
@@ -108,8 +106,6 @@ def _declare_base(lib: ctypes.CDLL) -> None:
     lib.ggml_type_size.restype = c.c_size_t
     lib.ggml_row_size.argtypes = [c.c_int, c.c_int64]
     lib.ggml_row_size.restype = c.c_size_t
-    lib.ggml_type_name.argtypes = [c.c_int]
-    lib.ggml_type_name.restype = c.c_char_p
     lib.ggml_quantize_requires_imatrix.argtypes = [c.c_int]
     lib.ggml_quantize_requires_imatrix.restype = c.c_bool
     # size_t ggml_quantize_chunk(type, const float * src, void * dst, int64_t start,

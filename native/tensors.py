@@ -150,17 +150,9 @@ class Graph:
         ne = self._same("swiglu", gate, up)
         return self._count(self.lib.ggml_swiglu_split(self.ctx, gate, up), ne)
 
-    def geglu(self, gate: int, up: int) -> int:
-        ne = self._same("geglu", gate, up)
-        return self._count(self.lib.ggml_geglu_split(self.ctx, gate, up), ne)
-
     def add(self, a: int, b: int) -> int:
         ne = self._broadcast("add", a, b)
         return self._count(self.lib.ggml_add(self.ctx, a, b), ne)
-
-    def mul(self, a: int, b: int) -> int:
-        ne = self._broadcast("mul", a, b)
-        return self._count(self.lib.ggml_mul(self.ctx, a, b), ne)
 
     def compute(self, outputs: list[tuple[int, tuple[int, ...]]]) -> list[np.ndarray]:
         """outputs: (tensor, numpy shape) pairs; returns float32 arrays of those shapes."""
