@@ -155,27 +155,12 @@ class ExpertCache:
         misses: list[Key] = []
         t0 = 0.0
         with self.cond:
-            self.halted = False
             for key in keys:
                 s.touch(key)
-                if key in self.loading:  # a prefetch is bringing it in: wait for it
-                    t1 = time.perf_counter()
-                    while key in self.loading:
-                        self.cond.wait()
-                    s.c.stall_s += time.perf_counter() - t1
-                if key in s.resident:
-                    s.hit(key)
-                    s.pins[key] += 1
-                    continue
-                s.c.misses += 1
-                t0 = t0 or time.perf_counter()
-                while not s.make_room(s.sizes[key]):  # the rest are unpinned or prefetches in flight
-                    self._drop_evicted()
-                    self.cond.wait()
-                self._drop_evicted()
-                s.begin_load(key)
-                self.loading.add(key)
-                misses.append(key)
+                started = self._hit_or_begin(key)  # the rest are unpinned or prefetches in flight: room comes
+                if started is not None:
+                    t0 = t0 or started
+                    misses.append(key)
         try:
             loaded = self._read_many(misses, demand=True) if misses else []
         except BaseException:
@@ -191,27 +176,36 @@ class ExpertCache:
                 s.c.stall_s += time.perf_counter() - t0
             return [self.experts[k] for k in keys]
 
+    def _hit_or_begin(self, key: Key) -> float | None:
+        """A touched demand access, under the lock: None for a hit (now pinned); for a miss, room
+        is made, the load is begun, and the time the miss began is returned."""
+        s = self.state
+        self.halted = False
+        if key in self.loading:  # a prefetch is bringing it in: wait for it
+            t0 = time.perf_counter()
+            while key in self.loading:
+                self.cond.wait()
+            s.c.stall_s += time.perf_counter() - t0
+        if key in s.resident:
+            s.hit(key)
+            s.pins[key] += 1
+            return None
+        s.c.misses += 1
+        t0 = time.perf_counter()
+        while not s.make_room(s.sizes[key]):
+            self._drop_evicted()
+            self.cond.wait()  # all else pinned or loading: wait for a release
+        self._drop_evicted()
+        s.begin_load(key)
+        self.loading.add(key)
+        return t0
+
     def _acquire_touched(self, key: Key) -> ResidentExpert:
         s = self.state
         with self.cond:
-            self.halted = False
-            if key in self.loading:  # a prefetch is bringing it in: wait for it
-                t0 = time.perf_counter()
-                while key in self.loading:
-                    self.cond.wait()
-                s.c.stall_s += time.perf_counter() - t0
-            if key in s.resident:
-                s.hit(key)
-                s.pins[key] += 1
+            t0 = self._hit_or_begin(key)
+            if t0 is None:
                 return self.experts[key]
-            s.c.misses += 1
-            t0 = time.perf_counter()
-            while not s.make_room(s.sizes[key]):
-                self._drop_evicted()
-                self.cond.wait()  # all else pinned or loading: wait for a release
-            self._drop_evicted()
-            s.begin_load(key)
-            self.loading.add(key)
         expert = self._read(key, demand=True)
         with self.cond:
             self._insert(key, expert, prefetched=False)
