@@ -15,7 +15,7 @@ import torch
 
 from edgemoe.arch import model_class
 from edgemoe.events import CacheStats, StepEvent
-from edgemoe.expert_cache import ExpertCache
+from edgemoe.arenas import arena_cache_class
 from edgemoe.expert_store import find_experts
 from edgemoe.errors import InputError
 from edgemoe.gguf_file import GGUFFile
@@ -56,6 +56,10 @@ class EngineConfig:
     # whenever another process holds a core: on 2 cores the demo decoded 65-75 tok/s with 2 torch
     # threads vs 292 with 1 beside one busy process, and no slower with 1 when idle (docs/ENGINE.md).
     torch_threads: int | None = 1
+    # the KV cache's type ("f16" as llama.cpp's default, "f32", "q8_0"), and the most prompt tokens one
+    # forward step runs (a longer prompt is prefilled in chunks of this many)
+    kv_type: str = "f16"
+    n_batch: int = 512
 
 
 class Engine:
@@ -86,9 +90,9 @@ class Engine:
             low = LowCopies(self.path, self.specs, parse_low_type(config.dual_low_type), self.backend.n_threads)
         # a background full-precision load requested more than ~2 tokens' worth of accesses ago is dropped
         stale = 2 * len({layer for layer, _ in self.specs}) * int(self.file.arch_field("expert_used_count", 1))
-        self.cache = ExpertCache(self.path, self.specs, budget, policy, n_layers, low, config.dual_load_above, stale,
-                                 config.dual_background_load)
-        self.model = cls(self.file, self.backend, self.cache)
+        self.cache = arena_cache_class()(self.path, self.specs, budget, policy, n_layers, low, config.dual_load_above,
+                                         stale, config.dual_background_load)
+        self.model = cls(self.file, self.backend, self.cache, kv_type=config.kv_type, n_batch=config.n_batch)
         self.tokenizer = Tokenizer(self.path)
         self.prefetcher = None
         self.warnings: list[str] = []  # what the engine worked around (an unusable predictor file)
@@ -113,10 +117,12 @@ class Engine:
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         """Logits for every position of `tokens`, from a fresh KV cache: [T, V]."""
-        kv = self.model.new_kv(max(len(tokens), 1))
-        self.cache.check_file()  # dense weights are mapped from the file: never touch a truncated one
-        with torch.no_grad():
+        kv = self.model.new_kv(max(len(tokens), 1), self.config.n_batch)
+        try:
+            self.cache.check_file()  # dense weights are mapped from the file: never touch a truncated one
             return self.model.forward(tokens, kv, 0, all_logits=True).numpy()
+        finally:
+            kv.close()
 
     def stream_generate(self, prompt: str | list[int], max_tokens: int = 64, temperature: float = 0.0,
                         top_p: float = 1.0, stop_at_eos: bool = True, *, seed: int | None = None,
@@ -134,7 +140,7 @@ class Engine:
             raise InputError(f"prompt ({len(ids)} tokens) + {max_tokens} new tokens exceed the context "
                              f"of {self.config.n_ctx}; raise --ctx or shorten the prompt")
         if self._kv is None:
-            self._kv = self.model.new_kv(self.config.n_ctx)
+            self._kv = self.model.new_kv(self.config.n_ctx, self.config.n_batch)
         kv = self._kv
         # at least the last prompt token is forwarded: its logits choose the first new token
         n_past = max(min(common_prefix(self._kv_ids, ids), len(ids) - 1), 0) if reuse_kv else 0
@@ -187,8 +193,11 @@ class Engine:
                           resident_bytes_per_layer=tuple(per_layer), resident_experts=keys)
 
     def close(self) -> None:
+        if getattr(self, "_kv", None) is not None:
+            self._kv.close()
         self._kv, self._kv_ids = None, []
-        for part in (self.prefetcher, self.cache, self.backend):  # after a failed open: those made
+        # after a failed open: those made
+        for part in (self.prefetcher, getattr(self, "model", None), self.cache, self.backend):
             if part is not None:
                 part.close()
 

@@ -9,6 +9,7 @@ A low-rank matrix (layout version 2) is two parts, `{role}_a` [r, in] then `{rol
 """
 from __future__ import annotations
 
+import mmap
 import os
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from edgemoe.layout import ROLES, expert_tensor_name, is_extended, read_layout
 from edgemoe.native.tensors import ALIGNMENT, Weight, aligned_empty
 
 _STOCK = {"gate": "ffn_gate_exps", "up": "ffn_up_exps", "down": "ffn_down_exps"}
+PAGE_BYTES = mmap.PAGESIZE  # a resident copy is whole pages (ExpertSpec.alloc_bytes)
 
 
 def _round_up(n: int, align: int = 64) -> int:
@@ -61,8 +63,10 @@ class ExpertSpec:
 
     @property
     def alloc_bytes(self) -> int:
-        """Bytes a resident copy occupies (buffer rounded up, plus alignment slack): what the budget counts."""
-        return _round_up(self.layout()[0]) + 64
+        """Bytes a resident copy occupies, what the budget counts: its buffer rounded up to whole
+        pages (an arena frame, edgemoe/arenas.py; page-rounded so an evicted frame's memory can
+        be given back to the system)."""
+        return _round_up(self.layout()[0], PAGE_BYTES)
 
     @property
     def nbytes(self) -> int:
@@ -214,7 +218,7 @@ class ResidentExpert:
 
 def expert_buffer(spec: ExpertSpec) -> np.ndarray:
     """Fresh aligned memory for one resident copy of `spec` (its parts at `spec.layout()`)."""
-    buffer = aligned_empty(spec.alloc_bytes - 64)
+    buffer = aligned_empty(spec.layout()[0])
     assert buffer.ctypes.data % ALIGNMENT == 0
     return buffer
 

@@ -1,129 +1,135 @@
-"""Dense building blocks shared by the architecture modules.
+"""Dense building blocks shared by the architecture modules, as ggml graph builders.
 
-Large matmuls run through ggml on the file's own quantized bytes (`QLinear`); torch does the
-small per-token math (norms, RoPE, attention over the KV cache, routing).
+Each builder adds ops to a graph `g` (edgemoe.native.graph.Graph) and returns the result tensor;
+shapes are ggml's order, an activation [D, T] is D values per token for T tokens. Weights are
+the file's own bytes (edgemoe.native.weights.FileWeights), so every matmul is llama.cpp's kernel
+on llama.cpp's bytes. The engine composes them into per-layer graphs (edgemoe/forward.py);
+`eager` runs one builder once on torch inputs, for the layer-by-layer tools (calibration,
+compression) that drive the dense path from torch.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType as QT
 
 from edgemoe.gguf_file import GGUFFile, ModelFileError
-from edgemoe.native.backend import CpuBackend
-from edgemoe.native.tensors import ALIGNMENT, Graph, Weight, aligned_empty
+from edgemoe.native import ops
+from edgemoe.native.graph import Graph
+from edgemoe.native.ops import Tensor
 
 
-class QLinear:
-    """y = x @ W.T for a GGUF weight [out, in] in any ggml type, computed by ggml in place."""
-
-    def __init__(self, model: GGUFFile, name: str, backend: CpuBackend, bias: str | None = None):
-        info = model.tensors[name]
-        if len(info.shape) != 2:
-            raise ValueError(f"{name} has shape {info.shape}; QLinear needs a 2-D weight")
-        self.out_features, self.in_features = info.shape
-        self.weight = Weight(model.data(name), info.qtype, self.out_features, self.in_features, name=name)
-        self.backend = backend
-        self.bias = tensor_f32(model, bias) if bias and bias in model.tensors else None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [T, in] -> [T, out]
-        with Graph(self.backend, label="dense") as g:
-            (y,) = g.compute([(g.matmul(self.weight, g.input(x.numpy())), (x.shape[0], self.out_features))])
-        out = torch.from_numpy(y)
-        return out + self.bias if self.bias is not None else out
+def norm(g, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMS norm of each token's values times the norm weight. x: [n, T] -> [n, T]."""
+    return g.mul(g.rms_norm(x, eps), weight)
 
 
-def project(linears: list["QLinear"], x: torch.Tensor) -> list[torch.Tensor]:
-    """Several projections of the same input in one ggml graph (one thread-pool wake-up instead
-    of one per matrix: q/k/v of a decode step). x: [T, in] -> [[T, out_i]]."""
-    backend = linears[0].backend
-    with Graph(backend, label="dense") as g:
-        xin = g.input(x.numpy())
-        ys = g.compute([(g.matmul(lin.weight, xin), (x.shape[0], lin.out_features)) for lin in linears])
-    return [torch.from_numpy(y) + lin.bias if lin.bias is not None else torch.from_numpy(y)
-            for y, lin in zip(ys, linears)]
+def linear(g, weight: Tensor, x: Tensor, bias: Tensor | None = None) -> Tensor:
+    """weight [in, out] (ggml ne; a GGUF [out, in] matrix), x [in, T] -> [out, T]."""
+    y = g.mul_mat(weight, x)
+    return g.add(y, bias) if bias is not None else y
 
 
-class Embedding:
-    """Token embeddings read row by row from the file's quantized bytes (never widened whole:
-    a Mixtral embedding table in f32 would be 0.5 GB)."""
-
-    def __init__(self, model: GGUFFile, name: str):
-        import gguf
-
-        info = model.tensors[name]
-        self.vocab, self.dim = info.shape
-        self.qtype = info.qtype
-        self.row_bytes = info.nbytes // self.vocab
-        self.rows = np.asarray(model.data(name)).reshape(self.vocab, self.row_bytes)
-        self._dequantize = gguf.quants.dequantize
-
-    def __call__(self, tokens: list[int]) -> torch.Tensor:
-        ids = np.asarray(tokens, dtype=np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab):
-            raise ValueError(f"token id out of range 0..{self.vocab - 1}")
-        raw = self.rows[ids]  # [T, row_bytes]
-        if self.qtype.name == "F32":
-            out = raw.view(np.float32)
-        else:
-            out = self._dequantize(raw, self.qtype)
-        return torch.from_numpy(np.array(out, dtype=np.float32).reshape(len(tokens), self.dim))
+def swiglu_ffn(g, gate: Tensor, up: Tensor, down: Tensor, x: Tensor) -> Tensor:
+    """down(silu(gate x) * up x), llama.cpp's build_ffn with SILU and a parallel gate. x: [D, T] -> [D, T]."""
+    return g.mul_mat(down, g.swiglu(g.mul_mat(gate, x), g.mul_mat(up, x)))
 
 
-class HeadLinear:
-    """y[:, h] = x[:, h] @ W[h].T for a 3-D GGUF weight [H, out, in] (ggml's mul_mat batched over
-    heads), each head on the file's quantized bytes: DeepSeek's attn_k_b / attn_v_b."""
+def attend(g, kv, layer: int, q: Tensor, k: Tensor, v: Tensor | None, v_dim: int, scale: float) -> Tensor:
+    """Store this step's keys/values in the KV cache, then attend over the cached ones.
 
-    def __init__(self, model: GGUFFile, name: str, backend: CpuBackend):
-        info = model.tensors[name]
-        if len(info.shape) != 3:
-            raise ValueError(f"{name} has shape {info.shape}; HeadLinear needs a 3-D weight [heads, out, in]")
-        n_heads, self.out_features, self.in_features = info.shape
-        raw, per = model.data(name), info.nbytes // n_heads
-        self.weights = []
-        for h in range(n_heads):
-            part = raw[h * per:(h + 1) * per]
-            if part.ctypes.data % ALIGNMENT:  # ggml wants aligned bytes; heads are small, copy them
-                part = aligned_empty(per)
-                part[:] = raw[h * per:(h + 1) * per]
-            self.weights.append(Weight(part, info.qtype, self.out_features, self.in_features, name=f"{name}[{h}]"))
+    q [dk, H, T], k [dk, Hkv, T], v [dv, Hkv, T] (None: V is K's first v_dim values, absorbed
+    MLA) -> [dv, H, T]. GQA is the head broadcast of flash attention (f16 / q8_0 caches) or of
+    ggml_mul_mat (f32 cache): no K/V copies."""
+    dk, n_kv_heads, n_tokens = k.ne[0], k.ne[1], k.ne[2]
+    rows = kv.rows(g)
+    g.expand(g.set_rows(kv.k(layer), g.reshape(k if k.contiguous else g.cont(k), dk * n_kv_heads, n_tokens), rows))
+    if v is not None:
+        g.expand(g.set_rows(kv.v(layer), g.reshape(v if v.contiguous else g.cont(v), v_dim * n_kv_heads, n_tokens),
+                            rows))
+    keys = kv.keys(g, layer, dk, n_kv_heads)                  # [dk, n_kv, Hkv]
+    values = kv.values(g, layer, v_dim, n_kv_heads)           # [dv, n_kv, Hkv]
+    q = g.permute(q, 0, 2, 1, 3)                              # [dk, T, H]
+    if kv.type != QT.F32:
+        return g.flash_attn(q, keys, values, kv.mask(g), scale)
+    # an f32 cache: llama.cpp's attention without flash attention, op for op (the reference mode)
+    probs = g.soft_max_masked(g.mul_mat(keys, q), kv.mask(g), scale)                     # [n_kv, T, H]
+    out = g.mul_mat(g.cont(g.permute(values, 1, 0, 2, 3)), probs)                        # [dv, T, H]
+    return g.cont(g.permute(out, 0, 2, 1, 3))                                            # [dv, H, T]
+
+
+def eager(backend, build, *inputs: torch.Tensor, max_tensors: int = 384) -> torch.Tensor:
+    """build(g, *tensors) once on float32 inputs [T, n] (torch) -> [T, m] (torch), in a one-off graph."""
+    with Graph(backend, label="dense", max_tensors=max_tensors) as g:
+        tensors = []
+        for x in inputs:
+            a = np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)
+            t = g.input(ops.F32, tuple(reversed(a.shape)))
+            g.feed(t, a)
+            tensors.append(t)
+        out = build(g, *tensors)
+        out = g.output(out if out.contiguous else g.cont(out))
+        g.compute()
+        return torch.from_numpy(g.read(out))
+
+
+class Linear:
+    """y = x W^T for a GGUF weight [out, in] (any type); called on torch [T, in] -> [T, out]."""
+
+    def __init__(self, weights, name: str, backend, bias: str | None = None):
+        self.weight = weights[name]
+        self.bias = weights.get(bias) if bias else None
+        self.in_features, self.out_features = self.weight.ne[0], self.weight.ne[1]
         self.backend = backend
 
+    def build(self, g, x: Tensor) -> Tensor:
+        return linear(g, self.weight, x, self.bias)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [T, H, in] -> [T, H, out]
-        T = x.shape[0]
-        with Graph(self.backend, label="dense") as g:
-            ys = g.compute([(g.matmul(w, g.input(x[:, h].numpy())), (T, self.out_features))
-                            for h, w in enumerate(self.weights)])
-        return torch.from_numpy(np.stack(ys, axis=1))
-
-
-def swiglu_ffn(backend: CpuBackend, gate: Weight, up: Weight, down: Weight, x: torch.Tensor,
-               label: str = "dense") -> torch.Tensor:
-    """down(silu(gate x) * up x) in one ggml graph, as llama.cpp's build_ffn/build_moe_ffn (SILU,
-    parallel gate). x: [T, D] -> [T, D_out]."""
-    with Graph(backend, label=label) as g:
-        xin = g.input(x.numpy())
-        h = g.swiglu(g.matmul(gate, xin), g.matmul(up, xin))   # [T, F]
-        (y,) = g.compute([(g.matmul(down, h), (x.shape[0], down.rows))])
-    return torch.from_numpy(y)
+        return eager(self.backend, self.build, x)
 
 
 class SwiGLU:
     """A dense SwiGLU FFN from blk.N.ffn_{gate,up,down}{suffix}.weight: DeepSeek's leading dense
     layers (suffix "") and shared experts of DeepSeek / Qwen2-MoE (suffix "_shexp")."""
 
-    def __init__(self, model: GGUFFile, layer: int, backend: CpuBackend, suffix: str = ""):
+    def __init__(self, weights, layer: int, backend, suffix: str = ""):
         p = f"blk.{layer}."
-        self.gate, self.up, self.down = (QLinear(model, f"{p}ffn_{role}{suffix}.weight", backend)
-                                         for role in ("gate", "up", "down"))
+        self.gate, self.up, self.down = (weights[f"{p}ffn_{role}{suffix}.weight"] for role in ("gate", "up", "down"))
         self.backend = backend
 
+    def build(self, g, x: Tensor) -> Tensor:
+        return swiglu_ffn(g, self.gate, self.up, self.down, x)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return swiglu_ffn(self.backend, self.gate.weight, self.up.weight, self.down.weight, x)
+        return eager(self.backend, self.build, x)
+
+
+class Embedding:
+    """Token embeddings: rows of the file's (quantized) table, dequantized by ggml_get_rows."""
+
+    def __init__(self, weights, name: str, backend):
+        self.table = weights[name]  # ne [D, vocab]
+        self.dim, self.vocab = self.table.ne[0], self.table.ne[1]
+        self.backend = backend
+
+    def check(self, tokens) -> np.ndarray:
+        ids = np.asarray(tokens, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab):
+            raise ValueError(f"token id out of range 0..{self.vocab - 1}")
+        return ids.astype(np.int32)
+
+    def build(self, g, ids: Tensor) -> Tensor:
+        return g.get_rows(self.table, ids)  # [D, T]
+
+    def __call__(self, tokens: list[int]) -> torch.Tensor:
+        ids = self.check(tokens)
+        with Graph(self.backend, label="dense") as g:
+            t = g.input(ops.I32, (len(ids),))
+            g.feed(t, ids)
+            out = g.output(self.build(g, t))
+            g.compute()
+            return torch.from_numpy(g.read(out).reshape(len(ids), self.dim))
 
 
 def tensor_f32(model: GGUFFile, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -141,94 +147,5 @@ def tensor_f32(model: GGUFFile, name: str, shape: tuple[int, ...] | None = None)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """torch's RMS norm for the tools that drive the dense path from torch (calibration, compression)."""
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
-
-
-def head_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMS-norm of q or k, x: [T, H, d]. A weight of d values normalises each head (Qwen3);
-    one of H*d values normalises the whole projection before the head split (OLMoE)."""
-    if weight.shape[-1] == x.shape[-1]:
-        return rms_norm(x, weight, eps)
-    return rms_norm(x.reshape(x.shape[0], -1), weight, eps).view_as(x)
-
-
-def rope_freqs(dim: int, base: float) -> torch.Tensor:
-    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-
-
-@dataclass(frozen=True)
-class YaRN:
-    """ggml_rope_ext's YaRN inputs (ext_factor 1): positions interpolated by freq_scale on the
-    low-frequency dims, extrapolated on the high ones, with a linear ramp over dims
-    [corr_low, corr_high] between (ggml_rope_yarn_corr_dims); cos/sin scaled by `mscale`."""
-    freq_scale: float  # 1 / rope.scaling.factor
-    corr_low: float
-    corr_high: float
-    mscale: float
-
-    @classmethod
-    def from_ggml(cls, n_rot: int, base: float, freq_scale: float, n_ctx_orig: int, beta_fast: float,
-                  beta_slow: float, attn_factor: float) -> "YaRN":
-        def corr_dim(beta: float) -> float:
-            return n_rot * math.log(n_ctx_orig / (beta * 2 * math.pi)) / (2 * math.log(base))
-        low, high = max(0.0, math.floor(corr_dim(beta_fast))), min(n_rot - 1.0, math.ceil(corr_dim(beta_slow)))
-        return cls(freq_scale, low, high, attn_factor * (1 + 0.1 * math.log(1 / freq_scale)))
-
-
-def apply_rope(x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor, neox: bool,
-               yarn: YaRN | None = None) -> torch.Tensor:
-    """x: [T, H, d] rotated on its first 2*len(freqs) dims. neox: pairs (i, i+d/2) as HF's
-    rotate_half; otherwise interleaved pairs (2i, 2i+1) as llama.cpp's `llama` arch."""
-    n_rot = 2 * freqs.shape[0]
-    angles = pos.to(torch.float64)[:, None] * freqs[None, :]  # [T, n_rot/2]
-    if yarn is None:
-        cos, sin = angles.cos().float()[:, None, :], angles.sin().float()[:, None, :]
-    else:  # ggml's rope_yarn with ext_factor 1
-        ramp = 1 - ((torch.arange(n_rot // 2, dtype=torch.float64) - yarn.corr_low)
-                    / max(0.001, yarn.corr_high - yarn.corr_low)).clamp(0, 1)  # [n_rot/2], 1 = extrapolate
-        angles = angles * yarn.freq_scale * (1 - ramp) + angles * ramp
-        cos = (angles.cos() * yarn.mscale).float()[:, None, :]
-        sin = (angles.sin() * yarn.mscale).float()[:, None, :]
-    xr, rest = x[..., :n_rot], x[..., n_rot:]
-    if neox:
-        a, b = xr[..., : n_rot // 2], xr[..., n_rot // 2:]
-        out = torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
-    else:
-        a, b = xr[..., 0::2], xr[..., 1::2]
-        out = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
-    return torch.cat([out, rest], dim=-1)
-
-
-class KVCache:
-    """Per-layer keys/values: [n_ctx, n_kv_heads, head_dim] float32, filled up to `length`."""
-
-    def __init__(self, n_layers: int, n_ctx: int, n_kv_heads: int, k_dim: int, v_dim: int):
-        self.k = [torch.zeros(n_ctx, n_kv_heads, k_dim) for _ in range(n_layers)]
-        self.v = [torch.zeros(n_ctx, n_kv_heads, v_dim) for _ in range(n_layers)]
-        self.n_ctx, self.length = n_ctx, 0
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * 4 for t in self.k + self.v)
-
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + k.shape[0]
-        if end > self.n_ctx:
-            raise ValueError(f"context full: {end} tokens > n_ctx {self.n_ctx}; start a new chat or raise --ctx")
-        self.k[layer][start:end] = k
-        self.v[layer][start:end] = v
-        return self.k[layer][:end], self.v[layer][:end]
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float) -> torch.Tensor:
-    """q: [T, H, dk], k: [S, Hkv, dk], v: [S, Hkv, dv] with S = start + T (causal) -> [T, H*dv]."""
-    T, H, _ = q.shape
-    S, Hkv, dv = v.shape
-    group = H // Hkv
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
-    scores = torch.einsum("thd,shd->hts", q, k) * scale  # [H, T, S]
-    mask = torch.arange(S)[None, :] > (start + torch.arange(T))[:, None]
-    scores = scores.masked_fill(mask[None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    return torch.einsum("hts,shd->thd", probs, v).reshape(T, H * dv)

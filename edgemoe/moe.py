@@ -1,15 +1,29 @@
-"""The MoE block, once for all architectures: route, then run each chosen expert through ggml
-on its cached quantized bytes and sum the weighted outputs."""
+"""The MoE block, once for all architectures (llama.cpp's build_moe_ffn).
+
+A layer's first graph ends with the router: logits, softmax or sigmoid, top-k ids and their
+(renormalised, scaled) weights, read back here. The cache then makes the chosen experts resident
+(ascending ids, so the demand sequence depends on routing only), and the layer's second graph
+computes every (token, slot) pair of an arena in one ggml_mul_mat_id per matrix over that
+arena's frames (ids: frame indices), gate and up, swiglu, down, times the router weight, into
+the pair's row of a [D, k*T] buffer; then sums the k rows of each token in slot order, adds
+the shared expert and the residual. Pairs whose experts sit in different arenas (mixed
+precision, dual-precision low copies) are one indexed matmul set per arena. When a layer's
+experts do not fit the budget together, they run one at a time into the same buffer and the
+same sum runs after them, so the result is bit-identical at every budget.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from edgemoe.expert_cache import ExpertCache
-from edgemoe.expert_store import LowRank, ResidentExpert
-from edgemoe.native.backend import CpuBackend
-from edgemoe.native.tensors import Graph, Weight
+from edgemoe.native import ops
+from edgemoe.native.graph import Graph
+from edgemoe.native.ops import Tensor
+
+# the router weights' sum is clamped at f16's smallest normal before renormalising (llama.cpp)
+_MIN_WEIGHT_SUM = 6.103515625e-5
 
 
 @dataclass(frozen=True)
@@ -21,111 +35,183 @@ class RouterConfig:
 
 
 def route(logits: torch.Tensor, cfg: RouterConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits: [T, E] -> weights [T, k], expert ids [T, k] (llama.cpp's build_moe_ffn order)."""
+    """logits [T, E] -> weights [T, k], ids [T, k] in float: the reference the calibration and
+    compression tools (torch, float experts) route with; the engine routes in its graph."""
     probs = torch.softmax(logits, dim=-1) if cfg.gating == "softmax" else torch.sigmoid(logits)
     weights, ids = torch.topk(probs, cfg.top_k, dim=-1)
     if cfg.normalize:
-        # llama.cpp clamps the sum at f16's smallest normal (matters only for sigmoid gating)
-        weights = weights / weights.sum(-1, keepdim=True).clamp(min=6.103515625e-5)
+        weights = weights / weights.sum(-1, keepdim=True).clamp(min=_MIN_WEIGHT_SUM)
     return weights * cfg.scale, ids
 
 
-# experts per ggml graph: a low-rank expert is up to 8 tensors / 7 nodes (Graph's limits: 512 / 256)
-_EXPERTS_PER_GRAPH = 32
+def build_router(g, router: Tensor, xn: Tensor, cfg: RouterConfig) -> tuple[Tensor, Tensor]:
+    """xn [D, T] -> ids i32 [k, T] (largest first), weights [k, T]."""
+    n_expert, n_tokens, k = router.ne[1], xn.ne[1], cfg.top_k
+    logits = g.mul_mat(router, xn)                                                 # [E, T]  ffn_moe_logits
+    probs = g.soft_max(logits) if cfg.gating == "softmax" else g.sigmoid(logits)   # [E, T]  ffn_moe_probs
+    ids = g.top_k(probs, k)                                                        # [k, T]  ffn_moe_topk
+    weights = g.reshape(g.get_rows(g.reshape(probs, 1, n_expert, n_tokens), ids), k, n_tokens)  # [k, T]
+    if cfg.normalize:
+        weights = g.div(weights, g.clamp(g.sum_rows(weights), _MIN_WEIGHT_SUM, float("inf")))
+    if cfg.scale != 1.0:
+        weights = g.scale(weights, cfg.scale)
+    return ids, weights
 
 
-def expert_ffns(backend: CpuBackend, work: list[tuple[ResidentExpert, torch.Tensor]]) -> list[torch.Tensor]:
-    """SwiGLU FFNs of several experts on their own tokens, one ggml graph per 32 experts: a decode
-    step's layer (top-k experts) is one graph compute, not one per expert. A full matrix is one
-    matmul on its bytes; a low-rank one two (x -> A -> B), as llama.cpp's build_moe_ffn otherwise.
-    work: (expert, x [n, D]) -> [[n, D]]."""
-    ys: list[torch.Tensor] = []
-    for start in range(0, len(work), _EXPERTS_PER_GRAPH):
-        with Graph(backend, label="experts") as g:
-            outs = []
-            for expert, x in work[start:start + _EXPERTS_PER_GRAPH]:
-                m = expert.matrices
-                xin = g.input(x.numpy())
-                h = g.swiglu(_apply(g, m["gate"], xin), _apply(g, m["up"], xin))   # [n, F]
-                outs.append((_apply(g, m["down"], h), (x.shape[0], m["down"].rows)))
-            ys.extend(torch.from_numpy(y) for y in g.compute(outs))
-    return ys
+def expert_ffn(g, arena, x: Tensor, ids: Tensor) -> Tensor:
+    """SwiGLU of each pair's expert: x [D, 1, N], ids (frames) i32 [1, N] -> [D, 1, N]. A low-rank
+    matrix is two indexed matmuls (x -> A -> B)."""
+    t = arena.tensors
+
+    def apply(role: str, inp: Tensor) -> Tensor:
+        if role in t:
+            return g.mul_mat_id(t[role], inp, ids)
+        return g.mul_mat_id(t[role + "_b"], g.mul_mat_id(t[role + "_a"], inp, ids), ids)
+
+    return apply("down", g.swiglu(apply("gate", x), apply("up", x)))     # [F, 1, N] -> [D, 1, N]
 
 
-def _apply(g: Graph, m: Weight | LowRank, x: int) -> int:
-    # x: [n, in] -> [n, out]; low rank: [n, in] -> [n, r] -> [n, out]
-    return g.matmul(m.b, g.matmul(m.a, x)) if isinstance(m, LowRank) else g.matmul(m, x)
+class _Pairs:
+    """One arena's (token, slot) pairs in a graph: the inputs fed on every compute."""
 
+    def __init__(self, g, n: int):
+        self.tok, self.frames = g.input(ops.I32, (n,)), g.input(ops.I32, (1, n))
+        self.weights, self.rows = g.input(ops.F32, (1, 1, n)), g.input(ops.I64, (n,))
 
-def expert_ffn(backend: CpuBackend, expert: ResidentExpert, x: torch.Tensor) -> torch.Tensor:
-    """SwiGLU FFN of one expert. x: [n, D] -> [n, D]."""
-    return expert_ffns(backend, [(expert, x)])[0]
+    def feed(self, g, tok, frames, weights, rows) -> None:
+        for t, a in ((self.tok, tok), (self.frames, frames), (self.weights, weights), (self.rows, rows)):
+            g.feed(t, a)
 
 
 class MoEBlock:
-    def __init__(self, layer: int, router: torch.Tensor, cfg: RouterConfig, cache: ExpertCache, backend: CpuBackend):
-        self.layer, self.router, self.cfg, self.cache, self.backend = layer, router, cfg, cache, backend
+    def __init__(self, layer: int, router_weight: Tensor, router: torch.Tensor, cfg: RouterConfig, cache, backend):
+        self.layer, self.router_weight, self.router, self.cfg = layer, router_weight, router, cfg
+        self.cache, self.backend = cache, backend
+        self.shared = None        # SharedExpertMoE adds its FFN to the combine step
         self.last_ids: torch.Tensor | None = None  # [T, k] of the latest call, for traces
-        self.observers: list = []  # called as f(layer, x) before experts run (the prefetcher)
+        self.observers: list = []  # called as f(layer, x [T, D]) once routed, before experts run (prefetcher)
         self.recorders: list = []  # called as f(layer, ids [T, k]) after routing (traces)
+        self._graphs: dict[tuple, tuple] = {}  # decode graphs: (T, arenas) -> (graph, [_Pairs])
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [T, D]  router: [E, D]
-        for observe in self.observers:
-            observe(self.layer, x)
-        weights, ids = route(x @ self.router.T, self.cfg)
-        self.last_ids = ids
+    def build_router(self, g, xn: Tensor) -> tuple[Tensor, Tensor]:
+        return build_router(g, self.router_weight, xn, self.cfg)
+
+    def run(self, acts, ids: np.ndarray, weights: np.ndarray) -> None:
+        """Experts for routing ids/weights [T, k]: acts.x := acts.h + MoE(acts.xn) (+ shared)."""
+        n_tokens, k = ids.shape
+        if self.observers:
+            x = torch.from_numpy(acts.read("xn", n_tokens))
+            for observe in self.observers:
+                observe(self.layer, x)
+        self.last_ids = torch.from_numpy(ids.astype(np.int64))
         for record in self.recorders:
-            record(self.layer, ids)
-        out = torch.zeros_like(x)
-        # ascending id order: the demand sequence then depends on routing only, never on cache
-        # state, so a recorded trace replays exactly (and Belady's future is well defined)
-        chosen = ids.unique().tolist()
-        assign = {e: torch.nonzero(ids == e, as_tuple=True) for e in chosen}  # e -> (tokens, slots)
-        keys = [(self.layer, e) for e in chosen]
-        # largest gate weight per expert: dual precision loads the full copy of a miss above a threshold
-        gates = [float(weights[assign[e]].max()) for e in chosen]
-        if sum(self.cache.specs[k].alloc_bytes for k in keys) <= self.cache.budget_bytes:
-            # all fit at once: pin them all and run them together (one graph per 32 experts)
-            got = []  # (expert, pinned)
+            record(self.layer, self.last_ids)
+        flat, w = ids.reshape(-1), weights.reshape(-1)
+        chosen = np.unique(flat)  # ascending: the demand order depends on routing only (traces replay)
+        keys = [(self.layer, int(e)) for e in chosen]
+        members = [np.flatnonzero(flat == e) for e in chosen]  # pairs p = t * k + slot of each expert
+        gates = [float(w[p].max()) for p in members]  # dual precision loads the full copy above a threshold
+        cache = self.cache
+        if sum(cache.state.sizes[key] for key in keys) <= cache.budget_bytes:
+            # all fit at once: pinned together, one graph (pairs, sum, shared, residual)
+            got = []
             try:
-                for k, e, g in zip(keys, chosen, gates):
-                    got.append(self.cache.acquire_for(k, g, len(assign[e][0])))
-                ys = expert_ffns(self.backend, [(ex, x[assign[e][0]]) for (ex, _), e in zip(got, chosen)])
+                for key, g_max, p in zip(keys, gates, members):
+                    got.append(cache.acquire_for(key, g_max, len(p)))
+                self._compute(acts, n_tokens, k, flat, w, chosen, [e for e, _ in got], combine=True)
             finally:
-                for k, (_, pinned) in zip(keys, got):
+                for key, (_, pinned) in zip(keys, got):
                     if pinned:
-                        self.cache.release(k)
-        else:  # a budget below the layer's working set: one expert resident at a time
-            ys = []
-            for k, e, g in zip(keys, chosen, gates):
-                expert, pinned = self.cache.acquire_for(k, g, len(assign[e][0]))
+                        cache.release(key)
+        else:  # a budget below the layer's working set: one expert resident at a time, then the sum
+            for key, g_max, p, e in zip(keys, gates, members, chosen):
+                expert, pinned = cache.acquire_for(key, g_max, len(p))
                 try:
-                    ys.append(expert_ffn(self.backend, expert, x[assign[e][0]]))
+                    self._compute(acts, n_tokens, k, flat, w, chosen[chosen == e], [expert], combine=False)
                 finally:
                     if pinned:
-                        self.cache.release(k)
-        for e, y in zip(chosen, ys):
-            tok, slot = assign[e]
-            out.index_add_(0, tok, y * weights[tok, slot, None])
-        return out
+                        cache.release(key)
+            self._compute(acts, n_tokens, k, flat, w, chosen[:0], [], combine=True)
+
+    def _compute(self, acts, n_tokens: int, k: int, flat, w, chosen, experts, combine: bool) -> None:
+        """The pairs of `chosen` (resident as `experts`) into acts.y; with `combine`, then the sum."""
+        arena_of = {}  # arena index -> (arena, pair positions)
+        frames = np.zeros(int(chosen.max()) + 1 if len(chosen) else 1, dtype=np.int32)
+        for e, expert in zip(chosen, experts):
+            frames[e] = expert.index
+            arena_of.setdefault(expert.arena.index, [expert.arena, []])[1].append(np.flatnonzero(flat == e))
+        active = []
+        for index in sorted(arena_of):
+            arena, parts = arena_of[index]
+            active.append((arena, np.sort(np.concatenate(parts))))
+        key = (n_tokens, combine, tuple((a.index, len(p)) for a, p in active))
+        graph, pairs = self._graph(acts, key, n_tokens, k, [(a, len(p)) for a, p in active], combine)
+        for (arena, p), inputs in zip(active, pairs):
+            inputs.feed(graph, (p // k).astype(np.int32), frames[flat[p]], np.ascontiguousarray(w[p]),
+                        p.astype(np.int64))
+        graph.compute()
+        if n_tokens > 1:
+            graph.close()
+
+    def _graph(self, acts, key, n_tokens: int, k: int, active, combine: bool):
+        if key in self._graphs:
+            return self._graphs[key]
+        reuse = n_tokens == 1  # decode: built once per arena mix; prefill: built per call
+        g = Graph(self.backend, label="experts", reuse=reuse)
+        xn, y = acts.view(g, "xn", n_tokens), acts.view(g, "y", k * n_tokens)
+        dim = xn.ne[0]
+        pairs = []
+        for arena, n in active:
+            inputs = _Pairs(g, n)
+            xa = g.reshape(g.get_rows(xn, inputs.tok), dim, 1, n)                     # [D, 1, N]
+            out = g.mul(expert_ffn(g, arena, xa, inputs.frames), inputs.weights)      # [D, 1, N]
+            y = g.expand(g.set_rows(y, g.reshape(out, dim, n), inputs.rows))          # pair rows of [D, k*T]
+            pairs.append(inputs)
+        if combine:
+            self._combine(g, acts, y, n_tokens, k)
+        else:
+            g.expand(y)
+        entry = (g, pairs)
+        if reuse:
+            self._graphs[key] = entry
+        return entry
+
+    def _combine(self, g, acts, y: Tensor, n_tokens: int, k: int) -> None:
+        """x = h + sum over slots of y (slot order, as llama.cpp) + shared(xn)."""
+        dim, row = y.ne[0], 4 * y.ne[0]
+        out = g.view_2d(y, dim, n_tokens, k * row, 0)                     # [D, T] slot 0
+        for slot in range(1, k):
+            out = g.add(out, g.view_2d(y, dim, n_tokens, k * row, slot * row))
+        if k == 1:
+            out = g.cont(out)
+        if self.shared is not None:
+            out = g.add(out, self.shared.build(g, acts.view(g, "xn", n_tokens)))
+        g.expand(g.cpy(g.add(out, acts.view(g, "h", n_tokens)), acts.view(g, "x", n_tokens)))
+
+    def close(self) -> None:
+        for graph, _ in self._graphs.values():
+            graph.close()
+        self._graphs.clear()
 
 
 class SharedExpertMoE:
-    """Routed experts plus an always-on dense FFN (`shared`, [T, D] -> [T, D]).
+    """Routed experts plus an always-on dense FFN (`shared`: build(g, x [D, T]) -> [D, T]).
 
-    DeepSeek adds the shared output as is; Qwen2-MoE scales it per token by sigmoid(x . gate)
-    (gate: [1, D], llama.cpp's ffn_gate_inp_shexp)."""
+    DeepSeek adds the shared output as is; Qwen2-MoE scales it per token by sigmoid(gate . x)
+    (gate: llama.cpp's ffn_gate_inp_shexp, ne [D, 1])."""
 
-    def __init__(self, moe: MoEBlock, shared, gate: torch.Tensor | None = None):
+    def __init__(self, moe: MoEBlock, shared, gate: Tensor | None = None):
         self.moe, self.shared, self.gate = moe, shared, gate
+        moe.shared = self
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [T, D]
-        return self.moe(x) + self.shared_part(x)
+    def build(self, g, x: Tensor) -> Tensor:
+        out = self.shared.build(g, x)
+        if self.gate is not None:
+            out = g.mul(out, g.sigmoid(g.mul_mat(self.gate, x)))  # [D, T] * [1, T]
+        return out
 
     def shared_part(self, x: torch.Tensor) -> torch.Tensor:
-        shared = self.shared(x)
-        if self.gate is not None:
-            shared = shared * torch.sigmoid(x @ self.gate.T)  # [T, 1]
-        return shared
+        """The shared FFN on torch x [T, D] (calibration and compression tools)."""
+        from edgemoe.layers import eager
+
+        return eager(self.moe.backend, self.build, x)

@@ -1,4 +1,5 @@
-"""The compute backend: a ggml CPU backend with its thread count and a reusable graph allocator.
+"""The compute backend: a ggml CPU backend with one persistent thread pool (its workers wait for
+the next graph instead of being created and joined for every compute) and graph allocators.
 
 CUDA/Vulkan builds of llama-cpp-python would expose further backends; this wheel is CPU-only,
 and `available_backends()` reports what the installed build really has.
@@ -8,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import os
 
+from edgemoe.native import ops
 from edgemoe.native.lib import NativeLibraryError, ggml_base, ggml_cpu
 
 
@@ -17,23 +19,39 @@ class CpuBackend:
         self.handle = self.cpu.ggml_backend_cpu_init()
         if not self.handle:
             raise NativeLibraryError("ggml_backend_cpu_init failed")
-        self.n_threads = n_threads or os.cpu_count() or 1
-        self.cpu.ggml_backend_cpu_set_n_threads(self.handle, self.n_threads)
+        self.threadpool = None
+        self.set_threads(n_threads or os.cpu_count() or 1)
         self.galloc = self.base.ggml_gallocr_new(self.base.ggml_backend_cpu_buffer_type())
+        self.buffer_type = ops.lib().ggml_backend_get_default_buffer_type(self.handle)
+        # one-off graphs (edgemoe.native.graph.Graph, reuse=False) share this allocator; the owner
+        # is the graph whose tensors hold its memory now
+        self.scratch_galloc = self.base.ggml_gallocr_new(self.buffer_type)
+        self.scratch_owner = None
         # seconds spent in graph compute, by label ("dense", "experts"): where a token's time goes
         self.compute_s: dict[str, float] = {}
 
     def set_threads(self, n_threads: int) -> None:
         if n_threads < 1:
             raise ValueError(f"thread count must be >= 1, got {n_threads}")
+        lib = ops.lib()
+        params = lib.ggml_threadpool_params_default(n_threads)
+        pool = self.cpu.ggml_threadpool_new(ctypes.byref(params))
+        if not pool:
+            raise NativeLibraryError(f"ggml_threadpool_new failed for {n_threads} threads")
         self.n_threads = n_threads
         self.cpu.ggml_backend_cpu_set_n_threads(self.handle, n_threads)
+        self.cpu.ggml_backend_cpu_set_threadpool(self.handle, pool)
+        if self.threadpool:
+            self.cpu.ggml_threadpool_free(self.threadpool)
+        self.threadpool = pool
 
     def close(self) -> None:
         if self.handle:
             self.base.ggml_gallocr_free(self.galloc)
+            self.base.ggml_gallocr_free(self.scratch_galloc)
             self.base.ggml_backend_free(self.handle)
-            self.handle = None
+            self.cpu.ggml_threadpool_free(self.threadpool)
+            self.handle = self.threadpool = None
 
     def __del__(self):
         try:

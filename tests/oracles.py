@@ -22,15 +22,42 @@ def hf_logits(model_dir: str | Path, ids: list[int]) -> np.ndarray:
     return out.logits[0].float().numpy()
 
 
-def llama_logits(gguf_path: str | Path, ids: list[int], n_threads: int = 2) -> np.ndarray:
-    from llama_cpp import Llama
+# llama.cpp's KV cache type ids (ggml types) for `llama_logits(kv=...)`
+LLAMA_KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
 
-    # f32 KV cache (type_k/type_v = 0) and no flash attention: llama.cpp's default f16 cache
-    # alone costs ~1e-3 relative, hiding conversion bugs of that size
-    llm = Llama(str(gguf_path), logits_all=True, n_ctx=max(64, len(ids)), n_batch=max(64, len(ids)),
-                type_k=0, type_v=0, flash_attn=False, n_threads=n_threads, verbose=False)
+
+def llama_logits(gguf_path: str | Path, ids: list[int], n_threads: int = 2, kv: str = "f32",
+                 repack: bool = True, n_prefill: int | None = None) -> np.ndarray:
+    from llama_cpp import Llama
+    from llama_cpp import llama_cpp as low_level
+
+    # kv "f32": f32 KV cache and no flash attention (llama.cpp's default f16 cache alone costs ~1e-3
+    # relative, hiding conversion bugs of that size). "f16" / "q8_0": that cache type with flash
+    # attention, the kernel the edgemoe engine attends with on those caches. repack=False: no CPU
+    # weight repacking (model param use_extra_bufts), so quantized matmuls run the plain ggml kernels
+    # (repacked ones accumulate in another order). n_prefill: evaluate that many tokens at once, then
+    # the rest one at a time (decoding), as the rows of one [T, V] array.
+    defaults = low_level.llama_model_default_params
+
+    def params():
+        p = defaults()
+        p.use_extra_bufts = repack
+        return p
+
+    low_level.llama_model_default_params = params  # Llama() takes its model params from this
     try:
-        llm.eval(ids)
+        llm = Llama(str(gguf_path), logits_all=True, n_ctx=max(64, len(ids)), n_batch=max(64, len(ids)),
+                    type_k=LLAMA_KV_TYPES[kv], type_v=LLAMA_KV_TYPES[kv], flash_attn=kv != "f32",
+                    n_threads=n_threads, verbose=False)
+    finally:
+        low_level.llama_model_default_params = defaults
+    try:
+        if n_prefill is None:
+            llm.eval(ids)
+        else:
+            llm.eval(ids[:n_prefill])
+            for token in ids[n_prefill:]:
+                llm.eval([token])
         return np.array(llm.scores[:len(ids)], dtype=np.float32)
     finally:
         llm.close()

@@ -124,7 +124,7 @@ def exported(tiny_checkpoint, tmp_path_factory):
 @pytest.mark.parametrize("name", ["demo", "qwen2moe", "qwen3moe"])
 def test_engine_matches_the_compressed_reference_f32(exported, name):
     hf, cm, path = exported(name)
-    got, want = engine_logits(path), reference_logits(hf, cm, PROMPT_IDS)
+    got, want = engine_logits(path, kv_type="f32"), reference_logits(hf, cm, PROMPT_IDS)  # f32 attention, as torch's
     assert rel_max_diff(got, want) < REL_TOL_F32
 
 
@@ -208,7 +208,8 @@ def test_overrides_replace_checkpoint_tensors(tiny_checkpoint, tmp_path):
     for f in hf.iterdir():
         if f.name.startswith("tokenizer"):
             (tmp_path / "hf" / f.name).write_bytes(f.read_bytes())
-    assert rel_max_diff(engine_logits(path), reference_logits(tmp_path / "hf", cm, PROMPT_IDS)) < REL_TOL_F32
+    got = engine_logits(path, kv_type="f32")
+    assert rel_max_diff(got, reference_logits(tmp_path / "hf", cm, PROMPT_IDS)) < REL_TOL_F32
 
 
 def _patch_u32_array(path, key: str, index: int, value: int) -> None:

@@ -148,9 +148,9 @@ def torch_reference_logits(ckpt, compressed) -> "np.ndarray":
 
 
 def engine_logits(path):
-    from edgemoe.engine import Engine
+    from edgemoe.engine import Engine, EngineConfig
 
-    engine = Engine(path)
+    engine = Engine(path, EngineConfig(kv_type="f32"))  # f32 attention, as the torch reference's
     try:
         return engine.logits(PROMPT_IDS)
     finally:

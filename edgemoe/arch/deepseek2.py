@@ -18,10 +18,11 @@ import torch
 
 from edgemoe.arch import llama, register
 from edgemoe.gguf_file import GGUFFile, ModelFileError
-from edgemoe.layers import (HeadLinear, KVCache, QLinear, SwiGLU, YaRN, apply_rope, attention, rms_norm, rope_freqs,
-                            tensor_f32)
+from edgemoe.kv_cache import KVCache
+from edgemoe.layers import SwiGLU, attend, eager, norm
 from edgemoe.moe import RouterConfig, SharedExpertMoE
-from edgemoe.native.backend import CpuBackend
+from edgemoe.native.ops import RopeParams, Tensor
+from edgemoe.native.buffers import FileWeights
 
 _GATING = {0: "softmax", 1: "softmax", 2: "sigmoid"}  # llama.cpp: 0 (unset) means softmax for V2 files
 
@@ -34,7 +35,7 @@ class ModelArgs(llama.ModelArgs):
     v_dim: int
     n_dense_lead: int
     router: RouterConfig
-    yarn: YaRN | None
+    rope: RopeParams  # NORM rope on the trailing rope_dim values of q and on k_pe, YaRN where the file says
     kq_mscale: float  # YaRN's attention-scale factor (mscale in llama.cpp's deepseek2 graph); 1 without
 
     @classmethod
@@ -57,7 +58,7 @@ def _yarn(m: GGUFFile, base: llama.ModelArgs) -> dict:
     converter refuses others), so the rope magnitude cancels to 1 and the attention scale is
     multiplied by (1 + 0.1 * mscale_all_dim * ln factor)^2, as in HF."""
     if m.arch_field("rope.scaling.type") != "yarn":
-        return {"yarn": None, "kq_mscale": 1.0}
+        return {"rope": RopeParams(base.rope_dim, False, base.rope_base), "kq_mscale": 1.0}
     factor = float(m.arch_field("rope.scaling.factor", 0.0)) or 1.0
     log_mul = float(m.arch_field("rope.scaling.yarn_log_multiplier", 0.0)) / 0.1  # undo the converter's 0.1
 
@@ -73,8 +74,9 @@ def _yarn(m: GGUFFile, base: llama.ModelArgs) -> dict:
     attn_factor_org = attn_factor * (1.0 + 0.1 * math.log(factor))
     n_ctx_orig = int(m.arch_field("rope.scaling.original_context_length", 0) or m.arch_field("context_length"))
     # beta_fast 32, beta_slow 1: llama.cpp's deepseek2 never reads the file's yarn_beta_* keys
-    yarn = YaRN.from_ggml(base.rope_dim, base.rope_base, 1.0 / factor, n_ctx_orig, 32.0, 1.0, attn_factor)
-    return {"yarn": yarn, "kq_mscale": attn_factor_org * (1.0 + 0.1 * log_mul * math.log(factor))}
+    # ext_factor 1: llama.cpp's default for YaRN files (ggml's rope_yarn ramps between the corr dims)
+    rope = RopeParams(base.rope_dim, False, base.rope_base, n_ctx_orig, 1.0 / factor, 1.0, attn_factor, 32.0, 1.0)
+    return {"rope": rope, "kq_mscale": attn_factor_org * (1.0 + 0.1 * log_mul * math.log(factor))}
 
 
 def _router(m: GGUFFile, top_k: int) -> RouterConfig:
@@ -94,49 +96,59 @@ def _router(m: GGUFFile, top_k: int) -> RouterConfig:
 
 
 class Attention:
-    """MLA. q: [T, H, nope + rope]; one rope key k_pe per token, shared by all heads."""
+    """MLA. q: [nope + rope, H, T]; one rope key k_pe per token, shared by all heads."""
 
-    def __init__(self, m: GGUFFile, layer: int, args: ModelArgs, backend: CpuBackend):
+    def __init__(self, m: GGUFFile, weights: FileWeights, layer: int, args: ModelArgs, backend):
         p = f"blk.{layer}."
         if p + "attn_q.weight" in m.tensors:  # V2-Lite: plain q
-            self.q_a, self.q = None, QLinear(m, p + "attn_q.weight", backend)
+            self.q_a, self.q = None, weights[p + "attn_q.weight"]
         else:  # V2: low-rank q with its own norm
-            self.q_a = QLinear(m, p + "attn_q_a.weight", backend)
-            self.q_a_norm = tensor_f32(m, p + "attn_q_a_norm.weight")
-            self.q = QLinear(m, p + "attn_q_b.weight", backend)
-        self.kv_a = QLinear(m, p + "attn_kv_a_mqa.weight", backend)  # [kv_lora + rope, D]
-        self.kv_a_norm = tensor_f32(m, p + "attn_kv_a_norm.weight")  # [kv_lora]
+            self.q_a, self.q_a_norm = weights[p + "attn_q_a.weight"], weights[p + "attn_q_a_norm.weight"]
+            self.q = weights[p + "attn_q_b.weight"]
+        self.kv_a = weights[p + "attn_kv_a_mqa.weight"]        # ne [D, lora + rope]
+        self.kv_a_norm = weights[p + "attn_kv_a_norm.weight"]  # [lora]
         if args.mla:
-            self.k_b = HeadLinear(m, p + "attn_k_b.weight", backend)  # [H, kv_lora, nope]
-            self.v_b = HeadLinear(m, p + "attn_v_b.weight", backend)  # [H, v, kv_lora]
+            self.k_b = weights[p + "attn_k_b.weight"]  # ne [nope, lora, H]
+            self.v_b = weights[p + "attn_v_b.weight"]  # ne [lora, v, H]
         else:
-            self.kv_b = QLinear(m, p + "attn_kv_b.weight", backend)  # [H * (nope + v), kv_lora]
-        self.o = QLinear(m, p + "attn_output.weight", backend)
-        self.layer, self.args = layer, args
-        self.freqs = rope_freqs(args.rope_dim, args.rope_base)
+            self.kv_b = weights[p + "attn_kv_b.weight"]  # ne [lora, H * (nope + v)]
+        self.o = weights[p + "attn_output.weight"]
+        self.layer, self.args, self.backend = layer, args, backend
+
+    def build(self, g, x: Tensor, kv) -> Tensor:
+        """x [D, T] (normed) -> [D, T], as llama.cpp's deepseek2 graph."""
+        a = self.args
+        T, H, rope, lora = x.ne[1], a.n_heads, a.rope_dim, a.kv_lora_rank
+        nope, width = a.head_dim - rope, a.head_dim
+        pos, f32 = kv.pos(g), 4
+        q = g.mul_mat(self.q, x if self.q_a is None else norm(g, g.mul_mat(self.q_a, x), self.q_a_norm, a.eps))
+        q = g.reshape(q, width, H, T)                                                      # [nope + rope, H, T]
+        q_nope = g.view_3d(q, nope, H, T, f32 * width, f32 * width * H, 0)
+        q_pe = g.rope(g.view_3d(q, rope, H, T, f32 * width, f32 * width * H, f32 * nope), pos, a.rope)
+        kv_a = g.mul_mat(self.kv_a, x)                                                     # [lora + rope, T]
+        c = norm(g, g.view_2d(kv_a, lora, T, f32 * (lora + rope), 0), self.kv_a_norm, a.eps)  # [lora, T]
+        k_pe = g.rope(g.view_3d(kv_a, rope, 1, T, f32 * (lora + rope), f32 * (lora + rope), f32 * lora), pos, a.rope)
+        scale = a.kq_mscale ** 2 / math.sqrt(width)  # over the per-head width nope + rope, even absorbed
+        if a.mla:
+            # absorbed, as llama.cpp: the cache holds [c, k_pe] as one KV head and V is its first lora values;
+            # q_nope . (k_b^T c) == (k_b q_nope) . c and v_b (p . c) == p . (v_b c)
+            q_abs = g.permute(g.mul_mat(self.k_b, g.permute(q_nope, 0, 2, 1, 3)), 0, 2, 1, 3)  # [lora, H, T]
+            q = g.concat(q_abs, q_pe, 0)                                                   # [lora + rope, H, T]
+            k = g.concat(g.reshape(c, lora, 1, T), k_pe, 0)                                # [lora + rope, 1, T]
+            latent = attend(g, kv, self.layer, q, k, None, lora, scale)                    # [lora, H, T]
+            out = g.permute(g.mul_mat(self.v_b, g.permute(latent, 0, 2, 1, 3)), 0, 2, 1, 3)  # [v, H, T]
+            return g.mul_mat(self.o, g.reshape(g.cont(out), a.v_dim * H, T))
+        kvb = g.mul_mat(self.kv_b, c)                                                      # [H * (nope + v), T]
+        step = f32 * (nope + a.v_dim)
+        k_nope = g.view_3d(kvb, nope, H, T, step, step * H, 0)
+        v = g.cont(g.view_3d(kvb, a.v_dim, H, T, step, step * H, f32 * nope))             # [v, H, T]
+        k = g.concat(g.cont(k_nope), g.repeat(k_pe, q_pe), 0)                              # [nope + rope, H, T]
+        out = attend(g, kv, self.layer, g.concat(g.cont(q_nope), q_pe, 0), k, v, a.v_dim, scale)
+        return g.mul_mat(self.o, g.reshape(out, a.v_dim * H, T))
 
     def __call__(self, x: torch.Tensor, kv: KVCache, start: int) -> torch.Tensor:
-        a = self.args
-        T, H, rope, lora = x.shape[0], a.n_heads, a.rope_dim, a.kv_lora_rank
-        nope = a.head_dim - rope
-        pos = torch.arange(start, start + T)
-        q = self.q(x if self.q_a is None else rms_norm(self.q_a(x), self.q_a_norm, a.eps)).view(T, H, a.head_dim)
-        q_nope, q_pe = q[..., :nope], apply_rope(q[..., nope:], pos, self.freqs, False, a.yarn)
-        kv_a = self.kv_a(x)                                                     # [T, lora + rope]
-        c = rms_norm(kv_a[:, :lora], self.kv_a_norm, a.eps)                     # [T, lora]
-        k_pe = apply_rope(kv_a[:, None, lora:], pos, self.freqs, False, a.yarn)  # [T, 1, rope]
-        scale = a.kq_mscale ** 2 / math.sqrt(a.head_dim)  # over the per-head width nope + rope, even absorbed
-        if a.mla:
-            # absorbed, as llama.cpp: the cache holds [c, k_pe] as one KV head;
-            # q_nope . (k_b^T c) == (k_b q_nope) . c and v_b (p . c) == p . (v_b c)
-            q = torch.cat([self.k_b(q_nope), q_pe], dim=-1)                     # [T, H, lora + rope]
-            keys, values = kv.append(self.layer, torch.cat([c[:, None], k_pe], dim=-1), c[:, None], start)
-            latent = attention(q, keys, values, start, scale).view(T, H, lora)
-            return self.o(self.v_b(latent).reshape(T, H * a.v_dim))
-        k_nope, v = self.kv_b(c).view(T, H, nope + a.v_dim).split([nope, a.v_dim], dim=-1)
-        k = torch.cat([k_nope, k_pe.expand(T, H, rope)], dim=-1)                # [T, H, nope + rope]
-        keys, values = kv.append(self.layer, k, v, start)
-        return self.o(attention(torch.cat([q_nope, q_pe], dim=-1), keys, values, start, scale))
+        kv.set_step(start, x.shape[0])
+        return eager(self.backend, lambda g, t: self.build(g, t, kv), x)
 
 
 @register("deepseek2")
@@ -147,11 +159,14 @@ class Model(llama.Model):
 
     def make_ffn(self, m, layer, backend, cache):
         if layer < self.args.n_dense_lead:
-            return SwiGLU(m, layer, backend)
-        return SharedExpertMoE(super().make_ffn(m, layer, backend, cache), SwiGLU(m, layer, backend, "_shexp"))
+            return SwiGLU(self.weights, layer, backend)
+        shared = SwiGLU(self.weights, layer, backend, "_shexp")
+        return SharedExpertMoE(super().make_ffn(m, layer, backend, cache), shared)
 
-    def new_kv(self, n_ctx: int) -> KVCache:
+    def new_kv(self, n_ctx: int, n_batch: int | None = None) -> KVCache:
         a = self.args
-        if a.mla:  # one latent head: keys [c, k_pe], values c
-            return KVCache(a.n_layers, n_ctx, 1, a.kv_lora_rank + a.rope_dim, a.kv_lora_rank)
-        return KVCache(a.n_layers, n_ctx, a.n_heads, a.head_dim, a.v_dim)
+        if a.mla:  # one latent head: keys [c, k_pe], values c (a view of the keys)
+            return KVCache(self.backend, a.n_layers, n_ctx, a.kv_lora_rank + a.rope_dim, None, self.kv_type, n_batch,
+                           (a.kv_lora_rank + a.rope_dim, a.kv_lora_rank))
+        return KVCache(self.backend, a.n_layers, n_ctx, a.n_heads * a.head_dim, a.n_heads * a.v_dim, self.kv_type,
+                       n_batch, (a.head_dim, a.v_dim))

@@ -1,8 +1,10 @@
 """llama.cpp arch `llama` with experts: Mixtral. Q/K rows were permuted by the converter, so
-RoPE here rotates interleaved pairs exactly as llama.cpp does.
+RoPE rotates interleaved pairs (ggml's NORMAL mode) exactly as llama.cpp does.
 
 The other architectures subclass `Attention` and `Model` and override only what differs:
-`neox`, `router_config`, `make_ffn`, `new_kv`."""
+`neox`, `router_config`, `make_ffn`, `new_kv`. A model builds each layer's first graph
+(`build_layer`: attention, residual, norm, then the dense FFN or the router) from the shared
+builders in edgemoe.layers and edgemoe.moe; edgemoe.forward runs the graphs."""
 from __future__ import annotations
 
 import functools
@@ -12,11 +14,12 @@ from dataclasses import dataclass
 import torch
 
 from edgemoe.arch import register
-from edgemoe.expert_cache import ExpertCache
 from edgemoe.gguf_file import GGUFFile, ModelFileError
-from edgemoe.layers import Embedding, KVCache, QLinear, project, apply_rope, attention, head_norm, rms_norm, rope_freqs, tensor_f32
+from edgemoe.kv_cache import KVCache
+from edgemoe.layers import Embedding, Linear, attend, eager, norm, tensor_f32
 from edgemoe.moe import MoEBlock, RouterConfig, SharedExpertMoE
-from edgemoe.native.backend import CpuBackend
+from edgemoe.native.ops import RopeParams, Tensor
+from edgemoe.native.buffers import FileWeights
 
 
 @dataclass(frozen=True)
@@ -72,38 +75,54 @@ def check_rope_scaling(m: GGUFFile, supported: tuple[str, ...] = ()) -> None:
 class Attention:
     neox = False  # llama.cpp's rope type of the arch: NORM (interleaved pairs) or NEOX (halves)
 
-    def __init__(self, m: GGUFFile, layer: int, args: ModelArgs, backend: CpuBackend):
+    def __init__(self, m: GGUFFile, weights: FileWeights, layer: int, args: ModelArgs, backend):
         p = f"blk.{layer}."
-        self.q = QLinear(m, p + "attn_q.weight", backend, bias=p + "attn_q.bias")
-        self.k = QLinear(m, p + "attn_k.weight", backend, bias=p + "attn_k.bias")
-        self.v = QLinear(m, p + "attn_v.weight", backend, bias=p + "attn_v.bias")
-        self.o = QLinear(m, p + "attn_output.weight", backend)
-        # OLMoE / Qwen3-MoE q/k RMS-norms, applied before RoPE (absent in Mixtral and Qwen2-MoE)
-        self.q_norm = tensor_f32(m, p + "attn_q_norm.weight") if p + "attn_q_norm.weight" in m.tensors else None
-        self.k_norm = tensor_f32(m, p + "attn_k_norm.weight") if p + "attn_k_norm.weight" in m.tensors else None
-        self.layer, self.args = layer, args
-        self.freqs = rope_freqs(args.rope_dim, args.rope_base)
+        self.q, self.k, self.v = (Linear(weights, p + f"attn_{n}.weight", backend, bias=p + f"attn_{n}.bias")
+                                  for n in "qkv")
+        self.o = Linear(weights, p + "attn_output.weight", backend)
+        # OLMoE / Qwen3-MoE q/k RMS-norms, applied before RoPE (absent in Mixtral and Qwen2-MoE): a weight
+        # of head_dim values normalises each head (Qwen3), one of heads*head_dim the whole projection (OLMoE)
+        self.q_norm, self.k_norm = weights.get(p + "attn_q_norm.weight"), weights.get(p + "attn_k_norm.weight")
+        self.layer, self.args, self.backend = layer, args, backend
+        self.rope = RopeParams(args.rope_dim, self.neox, args.rope_base)
+
+    def _qk(self, g, t: Tensor, weight: Tensor | None, n_heads: int) -> Tensor:
+        """[H*d, T] -> [d, H, T], RMS-normed per head or over the whole projection when the model has it."""
+        a = self.args
+        if weight is not None and weight.ne[0] != a.head_dim:
+            t = norm(g, t, weight, a.eps)
+        t = g.reshape(t, a.head_dim, n_heads, t.ne[1])
+        if weight is not None and weight.ne[0] == a.head_dim:
+            t = norm(g, t, weight, a.eps)
+        return t
+
+    def build(self, g, x: Tensor, kv) -> Tensor:
+        """x [D, T] (normed) -> attention output [D, T]; writes this step's K/V into kv."""
+        a = self.args
+        n_tokens, pos = x.ne[1], kv.pos(g)
+        q = g.rope(self._qk(g, self.q.build(g, x), self.q_norm, a.n_heads), pos, self.rope)      # [d, H, T]
+        k = g.rope(self._qk(g, self.k.build(g, x), self.k_norm, a.n_kv_heads), pos, self.rope)   # [d, Hkv, T]
+        v = g.reshape(self.v.build(g, x), a.head_dim, a.n_kv_heads, n_tokens)                  # [d, Hkv, T]
+        out = attend(g, kv, self.layer, q, k, v, a.head_dim, 1.0 / math.sqrt(a.head_dim))      # [d, H, T]
+        return self.o.build(g, g.reshape(out, a.head_dim * a.n_heads, n_tokens))
 
     def __call__(self, x: torch.Tensor, kv: KVCache, start: int) -> torch.Tensor:
-        a = self.args
-        T = x.shape[0]
-        pos = torch.arange(start, start + T)
-        q, k, v = project([self.q, self.k, self.v], x)
-        q = q.view(T, a.n_heads, a.head_dim)
-        k = k.view(T, a.n_kv_heads, a.head_dim)
-        if self.q_norm is not None:
-            q = head_norm(q, self.q_norm, a.eps)
-        if self.k_norm is not None:
-            k = head_norm(k, self.k_norm, a.eps)
-        q = apply_rope(q, pos, self.freqs, self.neox)
-        k = apply_rope(k, pos, self.freqs, self.neox)
-        v = v.view(T, a.n_kv_heads, a.head_dim)
-        keys, values = kv.append(self.layer, k, v, start)
-        return self.o(attention(q, keys, values, start, 1.0 / math.sqrt(a.head_dim)))
+        """Eager, on torch x [T, D] (normed): the calibration and compression tools."""
+        kv.set_step(start, x.shape[0])
+        return eager(self.backend, lambda g, t: self.build(g, t, kv), x)
 
 
 class NeoxAttention(Attention):
     neox = True  # llama_model_rope_type: qwen2moe, qwen3moe, olmoe rotate halves
+
+
+@dataclass
+class Block:
+    attn_norm: Tensor
+    attn: Attention
+    ffn_norm: Tensor
+    ffn: object            # MoEBlock, SharedExpertMoE or a dense FFN (build(g, x))
+    moe: MoEBlock | None   # the routed experts, if any
 
 
 @register("llama")
@@ -112,43 +131,84 @@ class Model:
     attention_class = Attention
     router_config = staticmethod(lambda args: RouterConfig(top_k=args.top_k, normalize=True))
 
-    def __init__(self, m: GGUFFile, backend: CpuBackend, cache: ExpertCache):
+    def __init__(self, m: GGUFFile, backend, cache, *, kv_type: str = "f16", n_batch: int = 512):
         self.args = args = self.args_class.from_gguf(m)
         if not args.n_experts:
             raise ValueError(f"{m.path} has no experts; edgemoe runs MoE models (use --backend llama for dense ones)")
-        self.embed = Embedding(m, "token_embd.weight")
-        out_name = "output.weight" if "output.weight" in m.tensors else "token_embd.weight"
-        self.output = QLinear(m, out_name, backend)
-        hidden = (args.hidden_size,)
-        self.norm = tensor_f32(m, "output_norm.weight", hidden)
-        self.layers = []
+        self.file, self.backend, self.kv_type, self.n_batch = m, backend, kv_type, n_batch
+        self.weights = w = FileWeights(m)
+        self.embed = Embedding(w, "token_embd.weight", backend)
+        self.output = Linear(w, "output.weight" if "output.weight" in m.tensors else "token_embd.weight", backend)
+        self.norm_weight = self._norm_weight("output_norm.weight")
+        self.blocks = []
         for i in range(args.n_layers):
             p = f"blk.{i}."
-            self.layers.append((tensor_f32(m, p + "attn_norm.weight", hidden), self.attention_class(m, i, args, backend),
-                                tensor_f32(m, p + "ffn_norm.weight", hidden), self.make_ffn(m, i, backend, cache)))
+            ffn = self.make_ffn(m, i, backend, cache)
+            moe = ffn.moe if isinstance(ffn, SharedExpertMoE) else ffn if isinstance(ffn, MoEBlock) else None
+            attn = self.attention_class(m, w, i, args, backend)
+            self.blocks.append(Block(self._norm_weight(p + "attn_norm.weight"), attn,
+                                     self._norm_weight(p + "ffn_norm.weight"), ffn, moe))
+        self._runner = None
 
-    def make_ffn(self, m: GGUFFile, layer: int, backend: CpuBackend, cache: ExpertCache):
-        """The FFN of `layer`: x [T, D] -> [T, D]. Here routed experts only."""
-        return MoEBlock(layer, tensor_f32(m, f"blk.{layer}.ffn_gate_inp.weight"), self.router_config(self.args),
-                        cache, backend)
+    def _norm_weight(self, name: str) -> Tensor:
+        t = self.weights[name]
+        if t.ne[:2] != (self.args.hidden_size, 1):
+            raise ModelFileError(f"{self.file.path}: {name} has {t.ne[0]} values, the model needs "
+                                 f"{self.args.hidden_size}; the file is corrupt, re-create it")
+        return t
 
-    def new_kv(self, n_ctx: int) -> KVCache:
+    def make_ffn(self, m: GGUFFile, layer: int, backend, cache):
+        """The FFN of `layer`. Here routed experts only."""
+        name = f"blk.{layer}.ffn_gate_inp.weight"
+        return MoEBlock(layer, self.weights[name], tensor_f32(m, name), self.router_config(self.args), cache, backend)
+
+    def build_layer(self, g, i: int, kv, acts, n_tokens: int):
+        """Layer i's first graph: attention and the residual into h, its norm into xn, then either
+        the dense FFN and residual into x (returns None) or the router (returns ids, weights)."""
+        b, eps = self.blocks[i], self.args.eps
+        x = acts.view(g, "x", n_tokens)
+        h = g.add(b.attn.build(g, norm(g, x, b.attn_norm, eps), kv), x)     # [D, T]  ffn_inp
+        xn = norm(g, h, b.ffn_norm, eps)                                    # [D, T]  ffn_norm
+        if b.moe is None:
+            g.expand(g.cpy(g.add(b.ffn.build(g, xn), h), x))
+            return None
+        g.expand(g.cpy(h, acts.view(g, "h", n_tokens)))
+        g.expand(g.cpy(xn, acts.view(g, "xn", n_tokens)))
+        return b.moe.build_router(g, xn)
+
+    def new_kv(self, n_ctx: int, n_batch: int | None = None) -> KVCache:
         a = self.args
-        return KVCache(a.n_layers, n_ctx, a.n_kv_heads, a.head_dim, a.head_dim)
+        return KVCache(self.backend, a.n_layers, n_ctx, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim,
+                       self.kv_type, n_batch, (a.head_dim,))
+
+    def forward(self, tokens: list[int], kv: KVCache, start: int, all_logits: bool = False) -> torch.Tensor:
+        """tokens at positions start.. -> logits [T, V] (or [1, V] for the last token)."""
+        if self._runner is None:
+            from edgemoe.forward import Runner
+
+            self._runner = Runner(self, self.backend, self.n_batch)
+        return torch.from_numpy(self._runner.forward(tokens, kv, start, all_logits))
 
     @property
     def moe_blocks(self) -> list[MoEBlock]:
         """The routed-expert blocks in layer order (dense FFN layers have none)."""
-        ffns = [layer[3] for layer in self.layers]
-        return [f.moe if isinstance(f, SharedExpertMoE) else f for f in ffns
-                if isinstance(f, (MoEBlock, SharedExpertMoE))]
+        return [b.moe for b in self.blocks if b.moe is not None]
 
-    def forward(self, tokens: list[int], kv: KVCache, start: int, all_logits: bool = False) -> torch.Tensor:
-        """tokens at positions start.. -> logits [T, V] (or [1, V] for the last token)."""
-        x = self.embed(tokens)  # [T, D]
-        eps = self.args.eps
-        for attn_norm, attn, ffn_norm, ffn in self.layers:
-            x = x + attn(rms_norm(x, attn_norm, eps), kv, start)
-            x = x + ffn(rms_norm(x, ffn_norm, eps))
-        x = rms_norm(x if all_logits else x[-1:], self.norm, eps)
-        return self.output(x)
+    @functools.cached_property
+    def layers(self) -> list[tuple]:
+        """(attn_norm, attention, ffn_norm, ffn) per layer, norms as torch: the layer-by-layer tools."""
+        f = functools.partial(tensor_f32, self.file)
+        return [(f(f"blk.{i}.attn_norm.weight"), b.attn, f(f"blk.{i}.ffn_norm.weight"), b.ffn)
+                for i, b in enumerate(self.blocks)]
+
+    @functools.cached_property
+    def norm(self) -> torch.Tensor:
+        return tensor_f32(self.file, "output_norm.weight")
+
+    def close(self) -> None:
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None
+        for b in self.moe_blocks:
+            b.close()
+        self.weights.close()

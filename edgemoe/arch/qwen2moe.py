@@ -3,7 +3,7 @@ weights not renormalised, and one always-on shared expert scaled by sigmoid(ffn_
 from __future__ import annotations
 
 from edgemoe.arch import llama, register
-from edgemoe.layers import SwiGLU, tensor_f32
+from edgemoe.layers import SwiGLU
 from edgemoe.moe import RouterConfig, SharedExpertMoE
 
 
@@ -13,6 +13,6 @@ class Model(llama.Model):
     router_config = staticmethod(lambda args: RouterConfig(top_k=args.top_k, normalize=False))
 
     def make_ffn(self, m, layer, backend, cache):
-        gate = tensor_f32(m, f"blk.{layer}.ffn_gate_inp_shexp.weight").reshape(1, -1)  # [1, D]
+        gate = self.weights[f"blk.{layer}.ffn_gate_inp_shexp.weight"]  # ne [D]: one logit per token
         return SharedExpertMoE(super().make_ffn(m, layer, backend, cache),
-                               SwiGLU(m, layer, backend, "_shexp"), gate)
+                               SwiGLU(self.weights, layer, backend, "_shexp"), gate)

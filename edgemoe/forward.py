@@ -1,0 +1,142 @@
+"""A forward pass as llama.cpp builds it, per layer at most two graph computes: (a) norm, q/k/v,
+RoPE, attention over the KV cache, output projection, residual, norm and router; (b) once the
+cache has made the chosen experts resident, the experts (edgemoe.moe), shared expert and
+residual. Around them: the token embedding and the output head.
+
+Tensors that flow between a layer's graphs live in one buffer (`Activations`): x (the residual
+stream), h (after attention), xn (the MoE input) and y (per (token, slot) expert outputs).
+Decode graphs (one token) are built once and reused with new inputs: the layer graphs per KV
+length bucket (kept in the KV cache they read), the expert graphs per arena mix (in the MoE
+block), embedding and head here. Prefill runs in chunks of `n_batch` tokens with one-off graphs.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+from edgemoe.layers import norm
+from edgemoe.native import ops
+from edgemoe.native.buffers import Buffer
+from edgemoe.native.graph import Graph
+from edgemoe.native.ops import Tensor
+
+
+class Activations:
+    def __init__(self, backend, dim: int, top_k: int, n_batch: int):
+        self.dim, self.n_batch = dim, n_batch
+        shape = (ops.F32, (dim, n_batch))
+        self.buffer = Buffer(backend, {"x": shape, "h": shape, "xn": shape,
+                                       "y": (ops.F32, (dim, max(top_k, 1) * n_batch))})
+        self.lib = ops.lib()
+
+    def view(self, g, name: str, n: int) -> Tensor:
+        """The first n columns ([D, n]) of buffer tensor `name`."""
+        return g.view_2d(self.buffer[name], self.dim, n, 4 * self.dim)
+
+    def read(self, name: str, n: int) -> np.ndarray:
+        """float32 [n, D] copy of the first n columns."""
+        out = np.empty((n, self.dim), dtype=np.float32)
+        self.lib.ggml_backend_tensor_get(self.buffer[name].ptr, ctypes.c_void_p(out.ctypes.data), 0, out.nbytes)
+        return out
+
+    def close(self) -> None:
+        self.buffer.close()
+
+
+class Runner:
+    """Runs `model` (an edgemoe.arch model) over tokens with a KV cache (edgemoe.kv_cache.KVCache)."""
+
+    def __init__(self, model, backend, n_batch: int):
+        self.model, self.backend, self.n_batch = model, backend, n_batch
+        top_k = max((b.cfg.top_k for b in model.moe_blocks), default=1)
+        self.acts = Activations(backend, model.args.hidden_size, top_k, n_batch)
+        self._graphs: dict[tuple, tuple] = {}  # decode embedding / head graphs
+
+    def forward(self, tokens: list[int], kv, start: int, all_logits: bool = False) -> np.ndarray:
+        """tokens at positions start.. -> logits [T, V] (or [1, V] for the last token)."""
+        ids = self.model.embed.check(tokens)
+        if len(ids) == 0:
+            raise ValueError("no tokens to run")
+        out = []
+        step = min(self.n_batch, kv.n_batch)
+        for b0 in range(0, len(ids), step):
+            chunk = ids[b0:b0 + step]
+            n = len(chunk)
+            kv.set_step(start + b0, n)
+            self._embed(chunk)
+            for i in range(len(self.model.blocks)):
+                self._layer(i, kv, n)
+            last = b0 + n >= len(ids)
+            if all_logits or last:
+                out.append(self._head(n, all_logits))
+        return np.concatenate(out)
+
+    def _cached(self, store: dict, key: tuple, build):
+        entry = store.get(key)
+        if entry is None:
+            entry = build()
+            if key[-1] == 1:  # decode graphs (one token) are kept; prefill graphs are one-off
+                store[key] = entry
+        return entry
+
+    def _embed(self, ids: np.ndarray) -> None:
+        n = len(ids)
+
+        def build():
+            g = Graph(self.backend, label="dense", reuse=n == 1)
+            t = g.input(ops.I32, (n,))
+            g.expand(g.cpy(self.model.embed.build(g, t), self.acts.view(g, "x", n)))
+            return g, t
+
+        g, t = self._cached(self._graphs, ("embed", n), build)
+        g.feed(t, ids)
+        g.compute()
+        if n > 1:
+            g.close()
+
+    def _head(self, n: int, all_logits: bool) -> np.ndarray:
+        n_out = n if all_logits else 1
+
+        def build():
+            g = Graph(self.backend, label="dense", reuse=n == 1)
+            x = self.acts.view(g, "x", n)
+            if n_out < n:  # the last token only
+                x = g.view_2d(self.acts.buffer["x"], x.ne[0], 1, 4 * x.ne[0], 4 * x.ne[0] * (n - 1))
+            m = self.model
+            logits = g.output(m.output.build(g, norm(g, x, m.norm_weight, m.args.eps)))  # [V, n_out]
+            return g, logits
+
+        g, logits = self._cached(self._graphs, ("head", n_out, n), build)
+        g.compute()
+        out = g.read(logits, np.empty((n_out, logits.ne[0]), dtype=np.float32))
+        if n > 1:
+            g.close()
+        return out
+
+    def _layer(self, i: int, kv, n: int) -> None:
+        block = self.model.blocks[i]
+
+        def build():
+            g = Graph(self.backend, label="dense", reuse=n == 1)
+            routed = self.model.build_layer(g, i, kv, self.acts, n)
+            outs = tuple(g.output(t) for t in routed) if routed else ()
+            return g, outs
+
+        g, outs = self._cached(kv.graphs, (i, kv.n_kv, n), build)
+        g.compute()
+        if outs:
+            ids, weights = outs
+            k = ids.ne[0]
+            ids_np = g.read(ids, np.empty((n, k), dtype=np.int32))
+            w_np = g.read(weights, np.empty((n, k), dtype=np.float32))
+        if n > 1:
+            g.close()
+        if outs:
+            block.moe.run(self.acts, ids_np, w_np)
+
+    def close(self) -> None:
+        for g, _ in self._graphs.values():
+            g.close()
+        self._graphs.clear()
+        self.acts.close()
