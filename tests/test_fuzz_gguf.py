@@ -36,6 +36,7 @@ SOURCES = {**{arch: ("stock", arch) for arch in ("mixtral", "qwen2moe", "deepsee
 # interesting integers for a field of a given width: boundaries, sign flips, near-size values
 _EDGES = [0, 1, 2, 3, 7, 31, 32, 33, 63, 64, 255, 256, 4095, 4096, 65535, 65536, 2**31 - 1, 2**31, 2**32 - 1,
           2**32, 2**40, 2**62, 2**63 - 1, 2**63, 2**64 - 1]
+_FLOATS = [0.0, -0.0, -1.0, 0.5, 2.0, 1e-30, 1e30, float("inf"), float("-inf"), float("nan")]
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Slot:
     width: int
     what: str
     integer: bool
+    real: bool = False  # a float32/float64 value
 
 
 class Chooser:
@@ -78,7 +80,7 @@ def metadata_slots(path: Path) -> tuple[list[Slot], int]:
                 continue
             integer = part.dtype.kind in "iu" and part.size == 1
             what = f"kv {name} part {i}" if not name.startswith("GGUF.") else name
-            slots.append(Slot(_offset(reader, part), part.nbytes, what, integer))
+            slots.append(Slot(_offset(reader, part), part.nbytes, what, integer, part.dtype.kind == "f" and part.size == 1))
     for t in reader.tensors:
         labels = ["name length", "name", "n_dims", "dims", "type", "offset"]
         for label, part in zip(labels, t.field.parts):
@@ -114,20 +116,30 @@ def mutate(data: bytes, slots: list[Slot], data_start: int, c: Chooser) -> tuple
     buf, done = bytearray(data), []
     ints = [s for s in slots if s.integer]
     edgemoe = [s for s in ints if "kv edgemoe." in s.what]
+    # the architecture's hyper-parameters (head counts, RoPE dims, ranks, widths): a few dozen of the
+    # thousands of integers (most are vocabulary items), so sampled on their own like edgemoe's tables
+    hparams = [s for s in slots if (s.integer or s.real) and s.what.startswith("kv ")
+               and s.what.split()[1].split(".")[0] not in ("general", "tokenizer", "edgemoe")]
     tensor = [s for s in ints if s.what.startswith("tensor ")]
     for _ in range(c.int(1, 3)):
-        kind = c.pick(["header", "kv", "tensor", "truncate", "flip", "alignment", "edgemoe", "string"])
+        kind = c.pick(["header", "kv", "tensor", "truncate", "flip", "alignment", "edgemoe", "string", "hparam"])
         if kind == "header":
             slot = c.pick([s for s in slots if s.what.startswith("GGUF.")] + [Slot(0, 4, "magic", True)])
             value = _interesting(c, int.from_bytes(buf[slot.offset:slot.offset + slot.width], "little"), slot.width)
             _set_int(buf, slot, value)
             done.append(f"{slot.what} = {value}")
-        elif kind in ("kv", "tensor", "edgemoe"):
-            pool = {"kv": [s for s in ints if s.what.startswith("kv ")], "tensor": tensor, "edgemoe": edgemoe}[kind]
+        elif kind in ("kv", "tensor", "edgemoe", "hparam"):
+            pool = {"kv": [s for s in ints if s.what.startswith("kv ")], "tensor": tensor, "edgemoe": edgemoe,
+                    "hparam": hparams}[kind]
             if not pool:
                 continue
             slot = c.pick(pool)
             if slot.offset + slot.width > len(buf):
+                continue
+            if slot.real:  # epsilons, RoPE bases and scales, router scales
+                value = c.pick(_FLOATS)
+                buf[slot.offset:slot.offset + slot.width] = np.array([value], dtype=f"<f{slot.width}").tobytes()
+                done.append(f"{slot.what} = {value}")
                 continue
             value = _interesting(c, int.from_bytes(buf[slot.offset:slot.offset + slot.width], "little"), slot.width)
             _set_int(buf, slot, value)
