@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from edgemoe.events import StepEvent
+from edgemoe.events import CacheStats, StepEvent
 from edgemoe.gguf_file import GGUFFile, ModelFileError
 from edgemoe.memory import peak_rss_bytes
 from edgemoe.text import split_complete_utf8
@@ -73,7 +73,10 @@ class RoutingTap:
 
 
 def open_llama(path: Path, n_ctx: int = 512, seed: int = 0, logits_all: bool = False, f32_kv: bool = False,
-               routing: RoutingTap | None = None, n_threads: int | None = None):
+               routing: RoutingTap | None = None, n_threads: int | None = None, model_params: dict | None = None,
+               context_params: dict | None = None):
+    """model_params / context_params: llama_model_params / llama_context_params fields to set
+    beyond what Llama() sets (the budgeted mode's use_extra_bufts=False, GPU buffer overrides)."""
     from llama_cpp import Llama
     from llama_cpp import llama_cpp as low_level  # the module Llama() itself calls into
 
@@ -89,7 +92,7 @@ def open_llama(path: Path, n_ctx: int = 512, seed: int = 0, logits_all: bool = F
     kv = dict(type_k=0, type_v=0, flash_attn=False) if f32_kv else {}
     if n_threads:
         kv.update(n_threads=n_threads, n_threads_batch=n_threads)
-    with _eval_callback(low_level, routing):
+    with _eval_callback(low_level, routing, context_params), _model_params(low_level, model_params):
         try:
             return Llama(str(path), n_ctx=n_ctx, seed=seed, logits_all=logits_all, verbose=False, **kv)
         except ValueError as exc:
@@ -97,29 +100,44 @@ def open_llama(path: Path, n_ctx: int = 512, seed: int = 0, logits_all: bool = F
 
 
 @contextlib.contextmanager
-def _eval_callback(llama_cpp, routing: RoutingTap | None):
+def _eval_callback(llama_cpp, routing: RoutingTap | None, fields: dict | None = None):
     """Llama() builds its context params from llama_context_default_params(); hand it ours."""
-    if routing is None:
+    extra = dict(fields or {})
+    if routing is not None:
+        extra.update(cb_eval=routing.callback, cb_eval_user_data=None)
+    with _defaults(llama_cpp, "llama_context_default_params", extra):
+        yield
+
+
+def _model_params(llama_cpp, fields: dict | None):
+    """Llama() starts from llama_model_default_params() and sets only what it knows (n_gpu_layers,
+    load mode, ...); fields it does not know (use_extra_bufts, tensor_buft_overrides) go here."""
+    return _defaults(llama_cpp, "llama_model_default_params", fields or {})
+
+
+@contextlib.contextmanager
+def _defaults(llama_cpp, name: str, fields: dict):
+    if not fields:
         yield
         return
-    original = llama_cpp.llama_context_default_params
+    original = getattr(llama_cpp, name)
 
-    def with_callback():
+    def with_fields():
         params = original()
-        params.cb_eval = routing.callback
-        params.cb_eval_user_data = None
+        for key, value in fields.items():
+            setattr(params, key, value)
         return params
 
-    llama_cpp.llama_context_default_params = with_callback
+    setattr(llama_cpp, name, with_fields)
     try:
         yield
     finally:
-        llama_cpp.llama_context_default_params = original
+        setattr(llama_cpp, name, original)
 
 
 def stream_generate(llm, prompt: str | list[int], max_tokens: int, temperature: float = 0.0,
                     routing: RoutingTap | None = None, *, top_p: float = 1.0,
-                    seed: int | None = None) -> Iterator[StepEvent]:
+                    seed: int | None = None, cache=None) -> Iterator[StepEvent]:
     """One event per generated token, as the engine's `stream_generate`. Sampling is the
     engine's too: temperature and top-p only (no top-k, no min-p). `prompt`: text (BOS added)
     or token ids (chat-template markers stay special tokens). llama-cpp-python's generate keeps
@@ -149,11 +167,12 @@ def stream_generate(llm, prompt: str | list[int], max_tokens: int, temperature: 
             pending += llm.detokenize([token], prev_tokens=ids)
             text, pending = split_complete_utf8(pending)
         ids.append(token)
+        stats = cache.end_step() if cache is not None else CacheStats()  # the budgeted mode (llama_budget.py)
         chosen = routing.take_last() if routing else {}
         layers = tuple(tuple(chosen[k][-1]) if chosen.get(k) else () for k in sorted(chosen))
         tps = i / (now - first) if i > 0 and now > first else 0.0
         finish = "stop" if eos else "length" if i == max_tokens - 1 else ""
-        yield StepEvent(i, token, text, now - start, tps, peak_rss_bytes=peak_rss_bytes(), routing=layers,
+        yield StepEvent(i, token, text, now - start, tps, stats, peak_rss_bytes=peak_rss_bytes(), routing=layers,
                         finished=bool(finish), finish_reason=finish, prompt_tokens=prompt_len,
                         kv_reused_tokens=reused)
         if finish:

@@ -1,0 +1,373 @@
+"""Budgeted llama.cpp: llama.cpp computes every kernel on the stock GGUF file, edgemoe decides
+which experts are resident (`--backend llama --budget X`).
+
+llama.cpp loads the file with mmap and without the CPU repack buffers, so its weights are the
+file's pages in its own mapping. After load the expert pages are dropped (RssFile falls to the
+dense weights). llama.cpp's eval callback, asked for `ffn_moe_topk-<layer>`, runs after a
+layer's routing and before its expert matmuls: there the layer's chosen experts go through the
+engine's `ExpertCache` (same Residency, policies, counters) whose misses are read with O_DIRECT
+into reused slots and moved into llama.cpp's mapping (edgemoe/llama_slots.py); evictions move
+the slots out and map the file back. The prefetcher loads the next layer's predicted experts in
+the background within the budget: router speculation reads `ffn_norm-<layer>` (the MoE input)
+from the same callback and applies the next layer's router to it.
+
+    rt = BudgetedLlama(path, BudgetedConfig(budget_bytes=2 << 30, policy="lru", prefetch=True))
+    for event in rt.stream_generate("def f(x):", 32): ...   # StepEvents with CacheStats
+    rt.close()
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Iterator
+
+from edgemoe.events import CacheStats, StepEvent
+from edgemoe.expert_cache import ExpertCache
+from edgemoe.expert_loader import ExpertLoader
+from edgemoe.expert_store import stock_experts
+from edgemoe.gguf_file import GGUFFile, ModelFileError
+from edgemoe.llama_backend import RoutingTap, open_llama, stream_generate
+from edgemoe.llama_pages import PAGE, Mapping, file_mappings, mapping_rss_bytes, probe_dontunmap, resident_pages
+from edgemoe.llama_slots import ExpertPages, MappedExperts, expert_pages, expert_runs, page_runs
+from edgemoe.policies import Key, make_policy
+from edgemoe.residency import BudgetError
+
+LLAMA_LAZY_MODE_OFF = 0  # llama.cpp's own on-demand row reads would bypass our mapping
+
+
+class LlamaApiMissing(RuntimeError):
+    """The installed llama-cpp-python lacks what the budgeted mode needs."""
+
+
+@dataclass(frozen=True)
+class BudgetedConfig:
+    budget_bytes: int
+    policy: str = "lru"
+    prefetch: bool = False
+    predictor: str = "router"          # none | router | prior | learned (see edgemoe/predictor)
+    predictor_path: str | None = None  # the learned predictor's .onnx
+    n_ctx: int = 512
+    seed: int = 0
+    n_threads: int | None = None
+    f32_kv: bool = False
+    gpu_layers: int = 0                # dense layers on the GPU, experts kept in RAM (GPU builds only)
+    expert_overrides: bool | None = None  # expert tensors pinned to CPU memory (default: when gpu_layers)
+    future: tuple[Key, ...] | None = None  # the belady policy's future accesses
+
+
+def _low_level():
+    from llama_cpp import llama_cpp as low
+
+    return low
+
+
+def check_api(gpu_layers: int = 0) -> None:
+    """One clear line if this llama-cpp-python cannot run the budgeted mode."""
+    import llama_cpp
+
+    low = _low_level()
+    version = getattr(llama_cpp, "__version__", "?")
+    model = {name for name, _ in low.llama_model_params._fields_}
+    context = {name for name, _ in low.llama_context_params._fields_}
+    missing = [f"llama_model_params.{f}" for f in ("use_extra_bufts", "load_mode", "lazy_mode") if f not in model]
+    missing += [f"llama_context_params.{f}" for f in ("cb_eval", "cb_eval_user_data") if f not in context]
+    if gpu_layers:
+        missing += [f"llama_model_params.{f}" for f in ("tensor_buft_overrides", "n_gpu_layers") if f not in model]
+    if missing:
+        raise LlamaApiMissing(f"llama-cpp-python {version} lacks {', '.join(missing)}, which the budgeted llama mode "
+                              "needs (0.3.36 has them); run without --budget, or use --backend edgemoe")
+    if gpu_layers and not low.llama_supports_gpu_offload():
+        raise LlamaApiMissing(f"this llama-cpp-python {version} build has no GPU backend, so --gpu-layers "
+                              f"{gpu_layers} cannot offload anything; rebuild it with CUDA or Vulkan, or drop --gpu-layers")
+
+
+class _OverrideEntry(ctypes.Structure):
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]  # llama_model_tensor_buft_override
+
+
+EXPERT_TENSORS = rb"blk\.\d+\.ffn_(gate|up|down|gate_up)_exps"  # what llama.cpp's --cpu-moe keeps in RAM
+
+
+def load_params(gpu_layers: int, expert_overrides: bool) -> tuple[dict, dict, object]:
+    """(model params, context params, what must stay alive while loading). CPU: mmap, no repack,
+    no lazy reads. GPU: also dense layers on the device and expert tensors in CPU memory (mmap,
+    tensor buffer overrides), with no op offload (it would copy every expert to the device for
+    big batches). UNTESTED on a GPU: no GPU was available where this was written."""
+    model = dict(use_extra_bufts=False, lazy_mode=LLAMA_LAZY_MODE_OFF)
+    if not expert_overrides:
+        return model, {}, None
+    from edgemoe.native.lib import ggml_base
+
+    lib = ggml_base()
+    lib.ggml_backend_cpu_buffer_type.restype = ctypes.c_void_p
+    overrides = (_OverrideEntry * 2)(_OverrideEntry(EXPERT_TENSORS, lib.ggml_backend_cpu_buffer_type()),
+                                     _OverrideEntry(None, None))
+    model.update(n_gpu_layers=gpu_layers, tensor_buft_overrides=ctypes.addressof(overrides))
+    return model, dict(op_offload=False) if gpu_layers else {}, overrides
+
+
+def find_llama_mapping(path, before: list[Mapping], runs: list[tuple[int, int]]) -> Mapping:
+    """llama.cpp's mapping of the tensor data: a mapping made during load that covers every
+    expert page at its file offset (VMAs of one mapping are merged); of several, the one
+    llama.cpp populated (most resident pages)."""
+    lo, hi = runs[0][0], runs[-1][0] + runs[-1][1]
+    new = sorted(m for m in file_mappings(path) if m not in before)
+    merged: list[Mapping] = []
+    for m in new:
+        last = merged[-1] if merged else None
+        if last and m.start == last.end and m.offset == last.offset + last.size:
+            merged[-1] = Mapping(last.start, m.end, last.perms, last.offset)
+        else:
+            merged.append(m)
+    covering = [m for m in merged if m.covers(lo, hi - lo)]
+    if not covering:
+        raise ModelFileError(f"llama.cpp did not map {path} where its experts lie (bytes {lo}..{hi}); the "
+                             "budgeted mode needs llama.cpp to load with mmap")
+    return max(covering, key=lambda m: mapping_rss_bytes(m.start, m.end)[0])
+
+
+class MappedExpertCache(ExpertCache):
+    """The engine's ExpertCache whose resident copies live in llama.cpp's mapping."""
+
+    def __init__(self, path, specs, pages: MappedExperts, budget_bytes: int, policy, n_layers: int):
+        self.pages = pages
+        super().__init__(path, specs, budget_bytes, policy, n_layers, loader=pages.loader,
+                         sizes={k: g.charge_bytes for k, g in pages.geometry.items()})
+
+    def _load(self, keys: list[Key]):
+        return self.pages.place(keys)
+
+    def stream(self, keys: list[Key]) -> None:
+        """Accesses served from the file this once (no room beside the layer's other experts)."""
+        with self.cond:
+            for key in keys:
+                self.state.touch(key)
+                self.state.c.misses += 1
+                self.state.c.bytes_read += sum(n for _, n in self.pages.geometry[key].interiors)
+        self.pages.stream(keys)
+
+    def set_budget(self, budget_bytes: int) -> None:
+        super().set_budget(budget_bytes)
+        self.pages.set_pool_limit(budget_bytes)
+
+
+class _Tap(RoutingTap):
+    """RoutingTap that also hands each layer's routing (and MoE input) to the runtime. An error
+    stops the graph (the callback returns False) and is raised after the step."""
+    NORM = b"ffn_norm-"
+
+    def __init__(self, runtime: "BudgetedLlama", top_k: int, n_expert: int, n_embd: int, want_inputs: bool):
+        super().__init__(top_k, n_expert)
+        self.runtime, self.n_embd, self.want_inputs = runtime, n_embd, want_inputs
+        self.error: BaseException | None = None
+
+    @staticmethod
+    def _layer(name: bytes, prefix: bytes) -> int | None:
+        """`prefix<layer>` exactly (views are named "ffn_norm-0 (reshaped)" and the like)."""
+        tail = name[len(prefix):]
+        return int(tail) if name.startswith(prefix) and tail.isdigit() else None
+
+    def _on_tensor(self, tensor, ask, user_data) -> bool:
+        try:
+            name = self.lib.ggml_get_name(tensor) or b""
+            routed, moe_input = self._layer(name, self.PREFIX), self._layer(name, self.NORM)
+            if ask:
+                return routed is not None or (self.want_inputs and moe_input is not None)
+            if self.error is not None or not self.runtime.ready:
+                return self.error is None
+            if routed is not None:
+                super()._on_tensor(tensor, ask, user_data)
+                self.runtime.on_routed(routed, self._current[routed])
+            elif moe_input is not None:
+                self.runtime.on_moe_input(moe_input, self._last_row(tensor))
+            return True
+        except BaseException as exc:  # never unwind through llama.cpp's C frames
+            self.error = exc
+            return False
+
+    def _last_row(self, tensor):
+        import torch
+
+        n_tokens = self.lib.ggml_nelements(tensor) // self.n_embd
+        row = torch.empty(1, self.n_embd, dtype=torch.float32)
+        self.lib.ggml_backend_tensor_get(tensor, ctypes.c_void_p(row.data_ptr()),
+                                         (n_tokens - 1) * self.n_embd * 4, self.n_embd * 4)
+        return row
+
+
+class BudgetedLlama:
+    def __init__(self, path: str | os.PathLike, config: BudgetedConfig):
+        check_api(config.gpu_layers)
+        probe_dontunmap()
+        self.path, self.config = Path(path), config
+        self.file = GGUFFile(self.path)
+        self.specs = stock_experts(self.file)
+        if not self.specs:
+            raise ModelFileError(f"{self.path} has no routed experts; run it without --budget")
+        # dense: every other tensor, and the header before the first one (pages sharing bytes with
+        # them stay file-backed and are never dropped)
+        self.dense_ranges = [(t.offset, t.nbytes) for t in self.file.tensors.values() if not t.is_expert]
+        self.dense_ranges.append((0, min(t.offset for t in self.file.tensors.values())))
+        self.geometry: dict[Key, ExpertPages] = expert_pages(self.specs, self.dense_ranges)
+        self.top_k = int(self.file.arch_field("expert_used_count", 1))
+        self.n_expert = int(self.file.arch_field("expert_count", 1))
+        self._check_budget(config.budget_bytes)
+        self.ready = False
+        self.moe_layers = sorted({k[0] for k in self.specs})
+        self.n_layers = int(self.file.arch_field("block_count", 0))
+        self.llm = self.pages = self.cache = self.prefetcher = None
+        self._pinned: list[Key] = []
+        self._streamed: list[Key] = []
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_budget(self, budget_bytes: int) -> None:
+        """A decode step needs one layer's top-k experts resident at once."""
+        need = self.top_k * max(g.charge_bytes for g in self.geometry.values())
+        if budget_bytes < need:
+            raise BudgetError(f"expert budget {budget_bytes / 2**20:.2f} MiB is below one layer's {self.top_k} chosen "
+                              f"experts ({need / 2**20:.2f} MiB as llama.cpp maps them); raise --budget to at least that")
+
+    def _open(self) -> None:
+        c = self.config
+        overrides = c.expert_overrides if c.expert_overrides is not None else c.gpu_layers > 0
+        model_params, context_params, keep = load_params(c.gpu_layers, overrides)
+        predictor = self._predictor() if c.prefetch else None
+        want_inputs = bool(predictor is not None and predictor.needs_logits)
+        self.tap = _Tap(self, self.top_k, self.n_expert, int(self.file.arch_field("embedding_length")), want_inputs)
+        before = file_mappings(self.path)
+        self.llm = open_llama(self.path, n_ctx=c.n_ctx, seed=c.seed, f32_kv=c.f32_kv, routing=self.tap,
+                              n_threads=c.n_threads, model_params=model_params, context_params=context_params)
+        del keep  # llama.cpp copied the override list while loading
+        mapping = find_llama_mapping(self.path, before, expert_runs(self.geometry))
+        self.pages = MappedExperts(self.path, mapping, self.geometry, ExpertLoader(self.path), c.budget_bytes)
+        self.pages.drop_all(page_runs(self.dense_ranges),
+                            [m for m in file_mappings(self.path) if not mapping.start <= m.start < mapping.end])
+        policy = make_policy(c.policy, list(c.future) if c.future else None, seed=c.seed)
+        self.cache = MappedExpertCache(self.path, self.specs, self.pages, c.budget_bytes, policy, self.n_layers)
+        if predictor is not None:
+            from edgemoe.prefetch import Prefetcher
+
+            self.prefetcher = Prefetcher(SimpleNamespace(moe_blocks=self.blocks), self.cache, predictor)
+        self.tap.steps.clear()
+        self.ready = True
+
+    def _predictor(self):
+        from edgemoe.layers import tensor_f32
+        from edgemoe.predictor.select import engine_predictor
+
+        self.blocks = [SimpleNamespace(layer=l, router=tensor_f32(self.file, f"blk.{l}.ffn_gate_inp.weight"),
+                                       cfg=SimpleNamespace(top_k=self.top_k), observers=[], recorders=[])
+                       for l in self.moe_layers]
+        self.block_of = {b.layer: b for b in self.blocks}
+        shim = SimpleNamespace(path=self.path, file=self.file, model=SimpleNamespace(moe_blocks=self.blocks))
+        predictor, self.warnings = engine_predictor(shim, self.config.predictor, self.config.predictor_path)
+        return predictor
+
+    warnings: list[str] = []
+
+    # ---- the eval callback's side ---------------------------------------------------------
+    def on_moe_input(self, layer: int, x) -> None:
+        block = self.block_of.get(layer)  # leading dense layers (deepseek2) have an ffn_norm too
+        if self.prefetcher is not None and block is not None:
+            for observe in block.observers:
+                observe(layer, x)
+
+    def on_routed(self, layer: int, ids: list[list[int]]) -> None:
+        """Layer `layer` routed its tokens to ids [T, k]: its experts must be in place before
+        this returns; the previous layer's are done, so they are released."""
+        self._finish_layer()
+        keys = sorted({(layer, e) for row in ids for e in row})
+        fit, rest = self._split(keys)
+        if fit:
+            self.cache.acquire_many(fit)
+            self._pinned = fit
+        if rest:
+            self.cache.stream(rest)
+            self._streamed = rest
+        if self.prefetcher is not None:
+            import torch
+
+            for record in self.block_of[layer].recorders:
+                record(layer, torch.tensor(ids))
+
+    def _split(self, keys: list[Key]) -> tuple[list[Key], list[Key]]:
+        """All of `keys` if they fit the budget together (a prompt's many tokens may choose more);
+        else the resident ones and as many misses as fit, the rest computed from the file."""
+        sizes, budget = self.cache.state.sizes, self.cache.budget_bytes
+        if sum(sizes[k] for k in keys) <= budget:
+            return keys, []
+        resident = self.cache.state.resident
+        fit, used = [], 0
+        for k in sorted(keys, key=lambda k: k not in resident):
+            if used + sizes[k] <= budget:
+                fit.append(k)
+                used += sizes[k]
+        return sorted(fit), [k for k in keys if k not in fit]
+
+    def _finish_layer(self) -> None:
+        for key in self._pinned:
+            self.cache.release(key)
+        self._pinned = []
+        if self._streamed:
+            self.pages.drop(self._streamed)
+            self._streamed = []
+
+    def end_step(self) -> CacheStats:
+        """After each llama.cpp eval (stream_generate calls it): release the last layer, raise
+        what the callback met, and return the step's cache counters."""
+        self._finish_layer()
+        self.tap.flush()
+        del self.tap.steps[:-1]  # stream_generate takes the last step's routing; keep no history
+        if self.tap.error is not None:
+            error, self.tap.error = self.tap.error, None
+            self.llm.reset()  # the interrupted step left its KV entries unfinished: prefill again
+            raise error
+        return self.cache.step_stats()
+
+    # ---- generation -----------------------------------------------------------------------
+    def stream_generate(self, prompt: str | list[int], max_tokens: int = 64, temperature: float = 0.0,
+                        top_p: float = 1.0, seed: int | None = None) -> Iterator[StepEvent]:
+        self.cache.check_file()
+        yield from stream_generate(self.llm, prompt, max_tokens, temperature, self.tap, top_p=top_p, seed=seed,
+                                   cache=self)
+
+    def residency(self) -> CacheStats:
+        return self.cache.step_stats()
+
+    def resident_expert_bytes(self) -> int:
+        """Measured, not counted (mincore): expert pages resident in llama.cpp's mapping (in the
+        page cache, or slots moved in) plus the pages still at the slots' homes (free slots, and
+        the spare page of a slot whose expert's interior is one page shorter)."""
+        with self.pages.lock:
+            mapped = sum(sum(resident_pages(self.pages.addr(o), n)) for o, n in expert_runs(self.geometry))
+            home = sum(sum(resident_pages(a, size)) for a, size in self.pages.pool.sizes.items())
+        return (mapped + home) * PAGE
+
+    def file_rss_bytes(self) -> int:
+        """RssFile of llama.cpp's mapping (file pages it has mapped): the dense weights after load."""
+        m = self.pages.mapping
+        return mapping_rss_bytes(m.start, m.end)[0]
+
+    def close(self) -> None:
+        self.ready = False
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+            self.prefetcher = None
+        if self.cache is not None:
+            self._finish_layer()
+            self.cache.close()  # drops every resident expert: slots go home, the file is mapped back
+            self.cache = None
+        if self.pages is not None:
+            self.pages.close()
+            self.pages.loader.close()
+            self.pages = None
+        if self.llm is not None:
+            self.llm.close()
+            self.llm = None

@@ -1,0 +1,177 @@
+"""Budgeted llama.cpp (`--backend llama --budget`): the same greedy tokens as plain llama.cpp at
+every budget, policy and prefetch setting; the budget is hard where the kernel can tell (mincore
+after every token); RssFile falls to the dense weights after load; clear one-line refusals."""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from types import SimpleNamespace
+
+import pytest
+
+from edgemoe.converters.convert import convert
+from edgemoe.demo import demo_gguf
+from edgemoe.expert_store import stock_experts
+from edgemoe.gguf_file import ExpertReadError, GGUFFile
+from edgemoe.llama_backend import open_llama, stream_generate
+from edgemoe.llama_budget import BudgetedConfig, BudgetedLlama, LlamaApiMissing, check_api
+from edgemoe.llama_pages import PAGE
+from edgemoe.residency import BudgetError
+
+PROMPT = 'def read_file(path):\n    """Return the'
+N_TOKENS = 24
+
+
+def _private_copy(src, dest):
+    """A copy no other test maps, written back so its page-cache pages can be dropped."""
+    shutil.copy(src, dest)
+    fd = os.open(dest, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    return dest
+
+
+def _plain_tokens(path) -> list[int]:
+    llm = open_llama(path, n_ctx=256)
+    try:
+        return [e.token for e in stream_generate(llm, PROMPT, N_TOKENS)]
+    finally:
+        llm.close()
+
+
+def _expert_total(path) -> int:
+    return sum(s.nbytes for s in stock_experts(GGUFFile(path)).values())
+
+
+def _dense_page_bytes(path) -> int:
+    pages = set()
+    for t in GGUFFile(path).tensors.values():
+        if not t.is_expert:
+            pages.update(range(t.offset // PAGE, -(-(t.offset + t.nbytes) // PAGE)))
+    return len(pages) * PAGE
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    path = _private_copy(demo_gguf(), tmp_path_factory.mktemp("llama_budget") / "demo.gguf")
+    return path, _plain_tokens(path)
+
+
+def _run(path, share, **kw):
+    budget = int(_expert_total(path) * share)
+    rt = BudgetedLlama(path, BudgetedConfig(budget_bytes=budget, n_ctx=256, **kw))
+    checks = []
+    try:
+        after_load = rt.file_rss_bytes()
+        events = []
+        for event in rt.stream_generate(PROMPT, N_TOKENS):
+            events.append(event)
+            # between tokens no expert is being computed: everything resident is within the budget
+            checks.append((rt.resident_expert_bytes(), rt.cache.resident_bytes + rt.cache.in_flight_bytes,
+                           rt.file_rss_bytes()))
+        return rt, events, after_load, checks
+    finally:
+        rt.close()
+
+
+CASES = [(1.0, "lru", None), (0.6, "lru", None), (0.3, "lru", None), (0.3, "lfu", None), (0.3, "random", None),
+         (0.3, "hybrid", "router"), (0.3, "lru", "router"), (0.6, "lru", "prior"), (0.15, "lru", "router")]
+
+
+@pytest.mark.parametrize("share,policy,predictor", CASES)
+def test_tokens_equal_plain_llama_and_the_budget_holds(demo, share, policy, predictor):
+    path, expected = demo
+    rt, events, after_load, checks = _run(path, share, policy=policy, prefetch=predictor is not None,
+                                          predictor=predictor or "router")
+    assert [e.token for e in events] == expected
+    dense = _dense_page_bytes(path)
+    assert after_load <= dense, "after load llama.cpp's mapping holds only dense pages"
+    budget = rt.config.budget_bytes
+    for measured, counted, file_rss in checks:
+        assert measured <= budget and counted <= budget
+        assert file_rss <= dense + counted, "file pages mapped: dense plus resident experts' edges"
+    misses = sum(e.cache.misses for e in events)
+    assert (misses > 0) == (share < 1.0 or misses > 0)
+    if share < 1.0:
+        assert sum(e.cache.evictions for e in events) > 0
+    if predictor:
+        assert sum(e.cache.prefetch_issued for e in events) > 0
+    assert events[-1].cache.budget_bytes == budget and events[-1].routing
+
+
+def test_resident_bytes_track_the_cache(demo):
+    path, _ = demo
+    rt, events, _, checks = _run(path, 0.5)
+    # measured (mincore) vs counted (the cache's charges): close, measured never above
+    for measured, counted, _ in checks:
+        assert counted - 64 * PAGE <= measured <= counted + 8 * PAGE
+
+
+def test_budget_below_one_layers_experts_is_refused(demo):
+    path, _ = demo
+    with pytest.raises(BudgetError, match=r"below one layer's 2 chosen experts .*raise --budget"):
+        BudgetedLlama(path, BudgetedConfig(budget_bytes=int(_expert_total(path) * 0.05)))
+
+
+def test_missing_llama_api_is_one_clear_line(monkeypatch):
+    import llama_cpp.llama_cpp as low
+
+    fields = [f for f in low.llama_model_params._fields_ if f[0] != "use_extra_bufts"]
+    fake = SimpleNamespace(llama_model_params=SimpleNamespace(_fields_=fields),
+                           llama_context_params=low.llama_context_params)
+    monkeypatch.setattr("edgemoe.llama_budget._low_level", lambda: fake)
+    with pytest.raises(LlamaApiMissing, match=r"lacks llama_model_params.use_extra_bufts, which the budgeted"):
+        check_api()
+
+
+def test_gpu_layers_on_a_cpu_build_are_refused(demo):
+    import llama_cpp.llama_cpp as low
+
+    if low.llama_supports_gpu_offload():
+        pytest.skip("this llama.cpp build has a GPU backend")
+    with pytest.raises(LlamaApiMissing, match="has no GPU backend"):
+        BudgetedLlama(demo[0], BudgetedConfig(budget_bytes=_expert_total(demo[0]), gpu_layers=99))
+
+
+def test_expert_buffer_overrides_keep_experts_in_the_mapping(demo):
+    """The GPU path's tensor_buft_overrides (experts in CPU memory, as --cpu-moe), exercised on
+    the CPU build: llama.cpp still computes on its mapping and the tokens do not change."""
+    path, expected = demo
+    rt, events, after_load, _ = _run(path, 0.3, expert_overrides=True)
+    assert [e.token for e in events] == expected
+    assert after_load <= _dense_page_bytes(path)
+
+
+def test_read_error_stops_the_reply_cleanly(demo, monkeypatch):
+    path, expected = demo
+    rt = BudgetedLlama(path, BudgetedConfig(budget_bytes=int(_expert_total(path) * 0.3), n_ctx=256))
+    try:
+        real, calls = os.preadv, []
+
+        def failing(fd, bufs, off):
+            calls.append(off)
+            if len(calls) >= 5:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            return real(fd, bufs, off)
+
+        monkeypatch.setattr(os, "preadv", failing)
+        with pytest.raises(ExpertReadError, match=r"reading expert.* failed: Input/output error"):
+            list(rt.stream_generate(PROMPT, N_TOKENS))
+        monkeypatch.setattr(os, "preadv", real)
+        assert not rt.cache.state.pins and not rt.cache.loading and rt.cache.in_flight_bytes == 0
+        assert rt.resident_expert_bytes() <= rt.config.budget_bytes
+        assert [e.token for e in rt.stream_generate(PROMPT, N_TOKENS)] == expected, "the next reply is normal"
+    finally:
+        rt.close()
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe", "deepseek2"])
+def test_other_architectures(arch, tiny_checkpoint, tmp_path):
+    path = convert(tiny_checkpoint(arch), tmp_path / "m.gguf", "q8_0").path
+    _private_copy(path, tmp_path / "copy.gguf")
+    expected = _plain_tokens(tmp_path / "copy.gguf")
+    rt, events, _, checks = _run(tmp_path / "copy.gguf", 0.4, prefetch=True)
+    assert [e.token for e in events] == expected
+    assert all(m <= rt.config.budget_bytes for m, _, _ in checks), (rt.config.budget_bytes, [c for c in checks if c[0] > rt.config.budget_bytes])
+    assert sum(e.cache.misses for e in events) > 0
