@@ -67,7 +67,7 @@ def create_app(backend, options: ServeOptions = ServeOptions()) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        state = runner.state()
+        state = runner.state(residency=False)
         return {"status": "ok", "model": model_id, "backend": backend.name, "generating": state.generating,
                 "waiting": state.waiting}
 
@@ -84,7 +84,8 @@ def create_app(backend, options: ServeOptions = ServeOptions()) -> FastAPI:
 
     @app.get("/metrics", dependencies=auth)
     async def prometheus():
-        return PlainTextResponse(metrics.render(runner.state()), media_type="text/plain; version=0.0.4")
+        state = await run_in_threadpool(runner.state)
+        return PlainTextResponse(metrics.render(state), media_type="text/plain; version=0.0.4")
 
     async def generate(request: Request, req, ids: list[int], endpoint: str, default_max: int | None):
         max_tokens = token_budget(len(ids), req.token_limit, info.n_ctx, default_max)

@@ -114,11 +114,13 @@ class Runner:
                 self._waiting.remove(job)
                 self.metrics.request_done(job.endpoint, "cancelled")
 
-    def state(self) -> ServerState:
+    def state(self, residency: bool = True) -> ServerState:
+        """`residency`: also ask the backend for its resident set (takes the cache's lock: call it
+        off the event loop)."""
         with self._cond:
             generating, waiting = self._current is not None, len(self._waiting)
-        residency = self.backend.residency() if self.backend.controls_cache else None
-        return ServerState(generating, waiting, self.max_waiting, residency)
+        cache = self.backend.residency() if residency and self.backend.controls_cache else None
+        return ServerState(generating, waiting, self.max_waiting, cache)
 
     def close(self) -> None:
         """Refuse the waiting, stop the running generation at its next token, end the worker."""
