@@ -22,11 +22,8 @@ import numpy as np
 
 from edgemoe.gguf_file import VOCAB_KEY, GGUFFile, ModelFileError, TensorInfo
 from edgemoe.layout import is_extended, read_layout
-from edgemoe.native.tensors import NO_MATMUL, Graph
+from edgemoe.native.ops import NO_MATMUL
 
-# DeepSeek's attn_k_b / attn_v_b run one matmul per head in one ggml graph: a weight leaf and an
-# input leaf per head (edgemoe.layers.HeadLinear), at most Graph.MAX_NODES leaves
-MAX_MLA_HEADS = Graph.MAX_NODES // 2
 _FIX = "the file is corrupt or its metadata was edited; re-create it with `edgemoe convert`"
 
 
@@ -191,12 +188,12 @@ def _heads(c: _Check, hidden: int) -> tuple[int, int]:
     return n_heads, hidden // n_heads
 
 
-def _rope(c: _Check, head_dim: int, limit: int) -> int:
-    """rope.dimension_count: even (rotated in pairs) and at most `limit` dims of each head."""
+def _rope(c: _Check, head_dim: int) -> int:
+    """rope.dimension_count: even (rotated in pairs), 2 up to a head's dims (0 made ggml's rope hang)."""
     rope = c.int("rope.dimension_count", head_dim, low=0)
-    if rope % 2 or rope > limit:
-        raise c.error(f"{c.arch}.rope.dimension_count = {rope} is odd or exceeds the {limit} dims of a head it can "
-                      f"rotate; {_FIX}")
+    if rope % 2 or not 2 <= rope <= head_dim:
+        raise c.error(f"{c.arch}.rope.dimension_count = {rope} must be even, at least 2 and at most the {head_dim} "
+                      f"dims of a head; {_FIX}")
     return rope
 
 
@@ -213,7 +210,7 @@ def _gqa_attention(c: _Check, hidden: int):
     if v_dim != k_dim:
         raise c.error(f"{c.arch}.attention.value_length = {v_dim} differs from attention.key_length = {k_dim}, "
                       "which the edgemoe engine does not support for this architecture; run it with --backend llama")
-    _rope(c, k_dim, k_dim)
+    _rope(c, k_dim)
     q, kv = f"head_count {n_heads} x key_length {k_dim}", f"head_count_kv {n_kv} x key_length {k_dim}"
 
     def check(layer: int) -> None:
@@ -250,9 +247,6 @@ def _mla_attention(c: _Check, hidden: int):
         raise c.error(f"{a}.rope.dimension_count = {rope} must be even and below {a}.attention.{k_name} = {k_dim} "
                       f"(each head's key is {k_dim - rope} dims without RoPE + {rope} with); {_FIX}")
     nope, lora = k_dim - rope, c.int("attention.kv_lora_rank")
-    if mla and n_heads > MAX_MLA_HEADS:
-        raise c.error(f"{a}.attention.head_count = {n_heads}: the edgemoe engine's absorbed MLA runs at most "
-                      f"{MAX_MLA_HEADS} heads; run this file with --backend llama")
     q_lora = c.int("attention.q_lora_rank", 0, low=0)
     heads = f"head_count {n_heads}"
     q_why = f"{heads} x {k_name} {k_dim}"

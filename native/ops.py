@@ -19,6 +19,9 @@ F32, F16, I32, I64 = int(QT.F32), int(QT.F16), int(QT.I32), int(QT.I64)
 ROPE_NORMAL, ROPE_NEOX = 0, 2  # ggml.h GGML_ROPE_TYPE_*: interleaved pairs (llama) or halves (NeoX)
 PREC_F32 = 10  # ggml.h enum ggml_prec
 MAX_THREADS = 512  # ggml.h GGML_MAX_N_THREADS
+# weight types ggml's CPU backend has no dot product for (activation types, integers, f64): a
+# matmul over one segfaults when it computes (measured on this ggml: exit -11 for each)
+NO_MATMUL = frozenset(int(t) for t in (QT.Q8_1, QT.Q8_K, QT.I8, QT.I16, QT.I32, QT.I64, QT.F64))
 
 
 class Tensor:
@@ -152,12 +155,14 @@ class Ops:
     # ---- matrix products -------------------------------------------------------------
     def mul_mat(self, a: Tensor, b: Tensor) -> Tensor:
         """a [K, M, ...] (a weight: K in-features, M out), b [K, N, ...] -> [M, N, ...]."""
+        _check(a.type not in NO_MATMUL, f"mul_mat of a weight of ggml type {a.type} (no CPU dot product)")
         _check(a.ne[0] == b.ne[0] and b.ne[2] % a.ne[2] == 0 and b.ne[3] % a.ne[3] == 0,
                f"mul_mat of ne {a.ne} and {b.ne}")
         return self._new(self.lib.ggml_mul_mat(self.ctx, a.ptr, b.ptr), F32, (a.ne[1], b.ne[1], b.ne[2], b.ne[3]))
 
     def mul_mat_id(self, arena: Tensor, b: Tensor, ids: Tensor) -> Tensor:
         """arena [K, M, n_slots], b [K, 1 or n_used, N], ids i32 [n_used, N] -> [M, n_used, N]."""
+        _check(arena.type not in NO_MATMUL, f"mul_mat_id of an arena of ggml type {arena.type} (no CPU dot product)")
         _check(arena.ne[3] == 1 and arena.ne[0] == b.ne[0] and ids.type == I32 and ids.ne[1] == b.ne[2]
                and ids.ne[0] % b.ne[1] == 0 and ids.ne[2] == ids.ne[3] == 1,
                f"mul_mat_id of ne {arena.ne}, {b.ne}, ids {ids.ne}")
@@ -283,7 +288,8 @@ class Ops:
 
     def rope(self, a: Tensor, pos: Tensor, rope: "RopeParams") -> Tensor:
         """a [d, heads, T] rotated on its first rope.n_dims values; pos i32 [T]."""
-        _check(pos.type == I32 and pos.ne[0] == a.ne[2] and rope.n_dims <= a.ne[0], f"rope of ne {a.ne}")
+        _check(pos.type == I32 and pos.ne[0] == a.ne[2] and 0 < rope.n_dims <= a.ne[0] and rope.n_dims % 2 == 0,
+               f"rope of {rope.n_dims} dims over ne {a.ne} (even, 2..ne[0])")
         r = rope
         return self._new(self.lib.ggml_rope_ext(self.ctx, a.ptr, pos.ptr, None, r.n_dims, r.mode, r.n_ctx_orig,
                                                 r.base, r.freq_scale, r.ext_factor, r.attn_factor, r.beta_fast,

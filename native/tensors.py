@@ -14,12 +14,10 @@ from gguf import GGMLQuantizationType as QT
 
 from edgemoe.native.backend import CpuBackend
 from edgemoe.native.lib import InitParams, ggml_base
+from edgemoe.native.ops import NO_MATMUL  # weight types ggml cannot multiply (it segfaults)
 from edgemoe.native.quant import row_bytes
 
 ALIGNMENT = 32  # ggml_backend_cpu_buffer_from_ptr asserts 32-byte alignment
-# weight types ggml's CPU backend has no dot product for (activation types, integers, f64): computing
-# ggml_mul_mat on one segfaults (measured on llama-cpp-python 0.3.36's ggml, each of these: exit -11)
-NO_MATMUL = frozenset({QT.Q8_1, QT.Q8_K, QT.I8, QT.I16, QT.I32, QT.I64, QT.F64})
 
 
 def aligned_empty(nbytes: int) -> np.ndarray:

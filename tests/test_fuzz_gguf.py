@@ -11,7 +11,8 @@ extended layout v2). In-process cases use hypothesis (derandomized, fixed budget
 every source also runs in a child process, because native code would abort or segfault rather
 than raise. CI runs a few hundred cases in all. Long run (docs/RELIABILITY.md):
 `python tests/test_fuzz_gguf.py --tiny DIR --cases N --seed S --keep-going` (N cases per source;
-exit 0: every case ran or gave ModelFileError; a crash leaves the case being run in DIR/case.txt),
+exit 0: every case ran or gave ModelFileError; a crash, or a hang past --case-timeout, leaves the
+case being run in DIR/case.txt),
 or `python tests/test_fuzz_gguf.py FILE.gguf ... --cases N` for files of your own.
 """
 from __future__ import annotations
@@ -202,8 +203,12 @@ def open_and_run(path: Path) -> str:
 
 
 def run_cases(source: Path, work: Path, n: int, seed: int, log: Path | None = None,
-              keep_going: bool = False) -> Counter:
-    """`n` seeded cases (random.Random, no hypothesis) on copies of `source` under `work`."""
+              keep_going: bool = False, case_timeout_s: float | None = None) -> Counter:
+    """`n` seeded cases (random.Random, no hypothesis) on copies of `source` under `work`. A case
+    that runs longer than case_timeout_s (a hang inside native code, which no exception can
+    interrupt) prints every thread's stack and ends the process with exit 1."""
+    import faulthandler
+
     data = source.read_bytes()
     slots, data_start = metadata_slots(source)
     outcomes: Counter = Counter()
@@ -214,6 +219,8 @@ def run_cases(source: Path, work: Path, n: int, seed: int, log: Path | None = No
         target.write_bytes(mutated)
         if log is not None:
             log.write_text(f"case {i} seed {seed}: {'; '.join(done)}\n")
+        if case_timeout_s:
+            faulthandler.dump_traceback_later(case_timeout_s, exit=True)
         try:
             outcomes[open_and_run(target)] += 1
         except Exception as exc:
@@ -222,6 +229,8 @@ def run_cases(source: Path, work: Path, n: int, seed: int, log: Path | None = No
                 print(f"case {i} ({'; '.join(done)}): {type(exc).__name__}: {str(exc)[:300]}", flush=True)
                 continue
             raise AssertionError(f"case {i} ({'; '.join(done)}): {type(exc).__name__}: {exc}") from exc
+        finally:
+            faulthandler.cancel_dump_traceback_later()
     return outcomes
 
 
@@ -313,6 +322,8 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--keep-going", action="store_true", help="report every failing case, exit 1 at the end")
+    parser.add_argument("--case-timeout", type=float, default=120.0, metavar="S",
+                        help="a case running longer (a hang in native code) dumps the stacks and exits 1")
     args = parser.parse_args()
     import torch
     torch.set_num_threads(1)
@@ -326,7 +337,8 @@ if __name__ == "__main__":
     for source in sources:
         work = args.work or source.parent
         start = time.perf_counter()
-        result = run_cases(source, work, args.cases, args.seed, log=work / "case.txt", keep_going=args.keep_going)
+        result = run_cases(source, work, args.cases, args.seed, log=work / "case.txt", keep_going=args.keep_going,
+                           case_timeout_s=args.case_timeout)
         print(f"{source.name}: {sum(result.values())} cases: {dict(result)} in {time.perf_counter() - start:.0f}s",
               flush=True)
         bugs = bugs or any(k.startswith("BUG") for k in result)

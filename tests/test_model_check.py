@@ -4,7 +4,8 @@ guards (edgemoe.native.tensors) raise where ggml would assert.
 
 Each crafted file below is a tiny checkpoint (models/tiny.py) converted to f32 with one edit. With
 the checks disabled, `edgemoe generate` on each aborted inside ggml (SIGABRT in
-GGML_ASSERT(ggml_can_mul_mat), exit -6) or segfaulted (the I32 weight, exit -11), measured. Tensor
+GGML_ASSERT(ggml_can_mul_mat), exit -6), segfaulted (the I32 weight, exit -11) or hung (RoPE over 0
+dims), measured. Tensor
 dims are edited keeping the tensor's byte size, so llama.cpp's own GGUF reader (the tokenizer's
 vocab-only load) accepts the file and the first token reaches ggml. Anything that runs native code
 on them runs in a child process: an abort kills only the child, and its exit code tells.
@@ -20,7 +21,7 @@ import pytest
 
 import tiny_files
 from edgemoe.gguf_file import GGUFFile, ModelFileError
-from edgemoe.model_check import MAX_MLA_HEADS, check_model
+from edgemoe.model_check import check_model
 from edgemoe.native.tensors import Graph
 from gguf_edit import set_kv, set_tensor_dims, set_tensor_type
 
@@ -49,6 +50,9 @@ CRAFTED = [
      ["blk.2.ffn_gate_exps.weight", "embedding_length 256"]),
     ("mixtral-i32-weight", "mixtral", lambda p: set_tensor_type(p, "blk.0.attn_q.weight", 26),
      ["blk.0.attn_q.weight", "I32"]),
+    # not an abort: ggml's rope over 0 dims never returned (the engine's graphs, measured)
+    ("mixtral-rope-zero", "mixtral", lambda p: set_kv(p, "llama.rope.dimension_count", 0),
+     ["llama.rope.dimension_count = 0"]),
 ]
 
 
@@ -84,18 +88,31 @@ def test_unedited_files_pass_in_every_layout(tmp_path):
         check_model(GGUFFile(path))
 
 
-def test_too_many_mla_heads_for_one_graph_are_refused(tmp_path):
-    """The absorbed MLA's per-head maps run in one ggml graph; one head more than fits aborted in
-    ggml_build_forward_expand (GGML_ASSERT(cgraph->n_leafs < cgraph->size)): refused at open."""
+_RUN_TWO_TOKENS = textwrap.dedent("""
+    import sys
+    from edgemoe.engine import Engine, EngineConfig
+    engine = Engine(sys.argv[1], EngineConfig(n_threads=1, n_ctx=32))
+    print([e.token for e in engine.stream_generate("def f(x):", max_tokens=2)])
+    engine.close()
+""")
+
+
+def test_many_mla_heads_run(tmp_path):
+    """129 heads. The first engine ran DeepSeek's attn_k_b / attn_v_b as one matmul per head in one
+    graph, and one head more than its 256 leaves aborted in ggml_build_forward_expand
+    (GGML_ASSERT(cgraph->n_leafs < cgraph->size)); the engine now runs them as one batched matmul."""
     from test_convert_archs import build_variant
 
     from edgemoe.converters.convert import convert
 
-    heads = MAX_MLA_HEADS + 1  # transformers wants the hidden size a multiple of the head count
+    heads = 129  # transformers wants the hidden size a multiple of the head count
     ckpt = build_variant("deepseek2", tmp_path / "hf", num_attention_heads=heads, hidden_size=2 * heads)
     convert(ckpt, tmp_path / "heads.gguf", "f32")
-    with pytest.raises(ModelFileError, match=f"head_count = {MAX_MLA_HEADS + 1}.*at most {MAX_MLA_HEADS} heads"):
-        check_model(GGUFFile(tmp_path / "heads.gguf"))
+    check_model(GGUFFile(tmp_path / "heads.gguf"))
+    done = subprocess.run([sys.executable, "-c", _RUN_TWO_TOKENS, str(tmp_path / "heads.gguf")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("[")
 
 
 _NATIVE_GUARDS = textwrap.dedent("""
@@ -180,7 +197,7 @@ def test_generate_on_crafted_files_is_one_line_error_in_a_child(crafted):
     for r in results:
         lines = r["stderr"].strip().splitlines()
         assert r["rc"] == 2 and len(lines) == 1, r
-        assert lines[0].startswith(f"edgemoe generate: error: {r['path']}: tensor "), r
+        assert lines[0].startswith(f"edgemoe generate: error: {r['path']}: "), r
 
 
 def test_extended_expert_of_a_type_ggml_cannot_multiply_is_refused(tmp_path):
@@ -191,3 +208,38 @@ def test_extended_expert_of_a_type_ggml_cannot_multiply_is_refused(tmp_path):
     set_tensor_type(path, "blk.1.expert.0.ffn_up.weight", 26)
     with pytest.raises(ModelFileError, match=r"blk\.1\.expert\.0\.ffn_up\.weight has type I32.*cannot multiply"):
         check_model(GGUFFile(path))
+
+
+_OPS_GUARDS = textwrap.dedent("""
+    from gguf import GGMLQuantizationType as QT
+    from edgemoe.native import ops
+    from edgemoe.native.backend import CpuBackend
+    from edgemoe.native.graph import Graph
+
+    def expect(what, f):
+        try:
+            f()
+        except ValueError as e:
+            print(what, "raised", e, flush=True)
+        else:
+            print(what, "did not raise", flush=True)
+
+    with Graph(CpuBackend(1), "guards", 64) as g:
+        x = g.input(ops.F32, (32, 2))
+        expect("i32 weight", lambda: g.mul_mat(g.input(int(QT.I32), (32, 8)), x))
+        expect("matmul width", lambda: g.mul_mat(g.input(ops.F32, (16, 8)), x))
+        q, pos = g.input(ops.F32, (64, 4, 2)), g.input(ops.I32, (2,))
+        expect("rope 0 dims", lambda: g.rope(q, pos, ops.RopeParams(0, False, 10000.0)))
+        expect("rope odd dims", lambda: g.rope(q, pos, ops.RopeParams(3, False, 10000.0)))
+        print("rope 64 dims", g.rope(q, pos, ops.RopeParams(64, False, 10000.0)).ne)
+""")
+
+
+def test_graph_ops_refuse_what_ggml_would_abort_or_hang_on():
+    """The engine's graph ops (edgemoe.native.ops): a weight type without a CPU dot product
+    (segfault), widths that disagree (abort), RoPE over 0 dims (hang) or an odd count."""
+    done = subprocess.run([sys.executable, "-c", _OPS_GUARDS], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert len(lines) == 5 and all(" raised ggml op refused before native code" in line for line in lines[:4]), lines
+    assert "ggml type 26" in lines[0] and lines[4] == "rope 64 dims (64, 4, 2, 1)"
