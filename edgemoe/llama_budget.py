@@ -24,6 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Iterator
 
+from edgemoe.errors import EdgemoeError, InputError
 from edgemoe.events import CacheStats, StepEvent
 from edgemoe.expert_cache import ExpertCache
 from edgemoe.expert_loader import ExpertLoader
@@ -38,7 +39,7 @@ from edgemoe.residency import BudgetError
 LLAMA_LAZY_MODE_OFF = 0  # llama.cpp's own on-demand row reads would bypass our mapping
 
 
-class LlamaApiMissing(RuntimeError):
+class LlamaApiMissing(EdgemoeError, RuntimeError):
     """The installed llama-cpp-python lacks what the budgeted mode needs."""
 
 
@@ -62,6 +63,17 @@ def _low_level():
     from llama_cpp import llama_cpp as low
 
     return low
+
+
+def budgeted_config(config, gpu_layers: int = 0) -> BudgetedConfig:
+    """The budgeted mode's settings from an EngineConfig (what generate/chat/serve build)."""
+    if config.budget_bytes is None:
+        raise InputError("the budgeted llama mode needs an expert budget (--budget or --max-memory)")
+    if config.dual_low_type:
+        raise InputError("--dual-low needs --backend edgemoe: stock llama.cpp runs one precision per expert tensor")
+    return BudgetedConfig(budget_bytes=config.budget_bytes, policy=config.policy, prefetch=config.prefetch,
+                          predictor=config.predictor, predictor_path=config.predictor_path, n_ctx=config.n_ctx,
+                          seed=config.seed, n_threads=config.n_threads, gpu_layers=gpu_layers, future=config.future)
 
 
 def check_api(gpu_layers: int = 0) -> None:
@@ -127,6 +139,30 @@ def find_llama_mapping(path, before: list[Mapping], runs: list[tuple[int, int]])
         raise ModelFileError(f"llama.cpp did not map {path} where its experts lie (bytes {lo}..{hi}); the "
                              "budgeted mode needs llama.cpp to load with mmap")
     return max(covering, key=lambda m: mapping_rss_bytes(m.start, m.end)[0])
+
+
+def file_geometry(model: GGUFFile) -> tuple[dict, list[tuple[int, int]], dict[Key, ExpertPages]]:
+    """(expert specs, dense byte ranges, page geometry) of a stock file. Dense: every other tensor
+    and the header before the first one (pages sharing bytes with them are never dropped)."""
+    specs = stock_experts(model)
+    if not specs:
+        raise ModelFileError(f"{model.path} has no routed experts; run it without --budget")
+    dense = [(t.offset, t.nbytes) for t in model.tensors.values() if not t.is_expert]
+    dense.append((0, min(t.offset for t in model.tensors.values())))
+    return specs, dense, expert_pages(specs, dense)
+
+
+def _smallest(geometry: dict[Key, ExpertPages], top_k: int) -> int:
+    """A decode step needs one layer's top-k experts resident at once."""
+    return top_k * max(g.charge_bytes for g in geometry.values())
+
+
+def budget_range(path) -> tuple[int, int]:
+    """(smallest, full) expert budget of the budgeted mode on `path`, as llama.cpp maps experts."""
+    model = GGUFFile(path)
+    geometry = file_geometry(model)[2]
+    return _smallest(geometry, int(model.arch_field("expert_used_count", 1))), sum(
+        g.charge_bytes for g in geometry.values())
 
 
 class MappedExpertCache(ExpertCache):
@@ -204,14 +240,7 @@ class BudgetedLlama:
         probe_dontunmap()
         self.path, self.config = Path(path), config
         self.file = GGUFFile(self.path)
-        self.specs = stock_experts(self.file)
-        if not self.specs:
-            raise ModelFileError(f"{self.path} has no routed experts; run it without --budget")
-        # dense: every other tensor, and the header before the first one (pages sharing bytes with
-        # them stay file-backed and are never dropped)
-        self.dense_ranges = [(t.offset, t.nbytes) for t in self.file.tensors.values() if not t.is_expert]
-        self.dense_ranges.append((0, min(t.offset for t in self.file.tensors.values())))
-        self.geometry: dict[Key, ExpertPages] = expert_pages(self.specs, self.dense_ranges)
+        self.specs, self.dense_ranges, self.geometry = file_geometry(self.file)
         self.top_k = int(self.file.arch_field("expert_used_count", 1))
         self.n_expert = int(self.file.arch_field("expert_count", 1))
         self._check_budget(config.budget_bytes)
@@ -228,8 +257,7 @@ class BudgetedLlama:
             raise
 
     def _check_budget(self, budget_bytes: int) -> None:
-        """A decode step needs one layer's top-k experts resident at once."""
-        need = self.top_k * max(g.charge_bytes for g in self.geometry.values())
+        need = _smallest(self.geometry, self.top_k)
         if budget_bytes < need:
             raise BudgetError(f"expert budget {budget_bytes / 2**20:.2f} MiB is below one layer's {self.top_k} chosen "
                               f"experts ({need / 2**20:.2f} MiB as llama.cpp maps them); raise --budget to at least that")
@@ -339,7 +367,17 @@ class BudgetedLlama:
                                    cache=self)
 
     def residency(self) -> CacheStats:
+        """The residency now (counters since the last step are consumed, as the engine's)."""
         return self.cache.step_stats()
+
+    def set_budget(self, budget_bytes: int) -> None:
+        """Resize live (the chat's F3): evicts down to the new budget, which must still hold one
+        layer's chosen experts."""
+        self._check_budget(budget_bytes)
+        self.cache.set_budget(budget_bytes)
+
+    def set_policy(self, name: str) -> None:
+        self.cache.set_policy(make_policy(name, seed=self.config.seed))
 
     def resident_expert_bytes(self) -> int:
         """Measured, not counted (mincore): expert pages resident in llama.cpp's mapping (in the

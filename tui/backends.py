@@ -112,9 +112,7 @@ class EngineChat(_OneStream):
     def set_policy(self, name: str) -> None:
         from edgemoe.policies import make_policy
 
-        if name not in LIVE_POLICIES:
-            raise InputError(f"policy {name!r} cannot be switched to live; choose one of {', '.join(LIVE_POLICIES)}")
-        self.engine.cache.set_policy(make_policy(name, seed=self.seed))
+        self.engine.cache.set_policy(make_policy(live_policy(name), seed=self.seed))
         self.policy = name
 
     def residency(self) -> CacheStats:
@@ -124,9 +122,17 @@ class EngineChat(_OneStream):
         self.engine.close()
 
 
+def live_policy(name: str) -> str:
+    if name not in LIVE_POLICIES:
+        raise InputError(f"policy {name!r} cannot be switched to live; choose one of {', '.join(LIVE_POLICIES)}")
+    return name
+
+
 class LlamaChat(_OneStream):
-    """Stock llama.cpp: every expert stays mapped, so there is no budget or policy to change;
-    routing (which experts each token chose) comes from llama.cpp's graph through RoutingTap."""
+    """llama.cpp computes. Stock (no `runtime`): every expert stays mapped, so there is no
+    budget or policy to change; routing comes from llama.cpp's graph through RoutingTap.
+    Budgeted (`runtime`, edgemoe/llama_budget.py): edgemoe's cache decides which experts are
+    resident, and budget and policy change live as on the engine."""
     name = "llama"
     controls_cache = False
     policy, prefetch = "-", False
@@ -134,14 +140,19 @@ class LlamaChat(_OneStream):
     warnings: list[str] = []
 
     def __init__(self, path: Path, n_ctx: int = 512, seed: int = 0, n_threads: int | None = None,
-                 reuse_kv: bool = True):
+                 reuse_kv: bool = True, runtime=None):
         from edgemoe.llama_backend import RoutingTap, open_llama
 
         super().__init__()
-        self.reuse_kv, self.seed = reuse_kv, seed
+        self.reuse_kv, self.seed, self.runtime = reuse_kv, seed, runtime
         self.info, model = read_info(path, self.name, n_ctx)
-        self.tap = RoutingTap(int(model.arch_field("expert_used_count", 1)), int(model.arch_field("expert_count", 1)))
-        self.llm = open_llama(path, n_ctx=n_ctx, seed=seed, routing=self.tap, n_threads=n_threads)
+        if runtime is None:
+            self.tap = RoutingTap(int(model.arch_field("expert_used_count", 1)),
+                                  int(model.arch_field("expert_count", 1)))
+            self.llm = open_llama(path, n_ctx=n_ctx, seed=seed, routing=self.tap, n_threads=n_threads)
+        else:
+            self.tap, self.llm, self.warnings = runtime.tap, runtime.llm, list(runtime.warnings)
+            self.controls_cache, self.policy, self.prefetch = True, runtime.config.policy, runtime.config.prefetch
         self.vocab = vocab_of(model, lambda text, add_bos, special: self.llm.tokenize(
             text.encode("utf-8"), add_bos=add_bos, special=special))
         self.expert_bytes_total = self.info.summary.expert_bytes
@@ -153,29 +164,45 @@ class LlamaChat(_OneStream):
             if not self.reuse_kv:
                 self.llm.reset()  # forget the evaluated tokens: the whole prompt is prefilled
             seed = self.seed if sampling.seed is None else sampling.seed
-            for event in stream_generate(self.llm, ids, sampling.max_tokens, sampling.temperature, self.tap,
-                                         top_p=sampling.top_p, seed=seed):
+            args = (ids, sampling.max_tokens, sampling.temperature)
+            events = (self.runtime.stream_generate(*args, top_p=sampling.top_p, seed=seed) if self.runtime else
+                      stream_generate(self.llm, *args, self.tap, top_p=sampling.top_p, seed=seed))
+            for event in events:
                 self.tap.steps.clear()  # keep only the latest step: a long chat must not grow this
                 yield event
 
     def set_budget(self, budget_bytes: int) -> CacheStats:
-        raise InputError("the llama backend keeps every expert mapped; budgets need --backend edgemoe")
+        if self.runtime is None:
+            raise InputError("stock llama.cpp keeps every expert mapped; start with --budget to give it a budget")
+        self.runtime.set_budget(budget_bytes)
+        return self.runtime.residency()
 
     def set_policy(self, name: str) -> None:
-        raise InputError("the llama backend has no expert cache; policies need --backend edgemoe")
+        if self.runtime is None:
+            raise InputError("stock llama.cpp has no expert cache; start with --budget to give it one")
+        self.runtime.set_policy(live_policy(name))
+        self.policy = name
 
-    def residency(self) -> None:
-        return None
+    def residency(self) -> CacheStats | None:
+        return self.runtime.residency() if self.runtime else None
 
     def _release(self) -> None:
-        self.llm.close()
+        (self.runtime or self.llm).close()
 
 
-def open_backend(path: Path, backend: str, config, reuse_kv: bool = True) -> EngineChat | LlamaChat:
-    """`config`: an EngineConfig (the llama backend uses its n_ctx, seed and n_threads).
-    `reuse_kv`: prefill only what a prompt adds to the last one (see EngineChat)."""
+def open_backend(path: Path, backend: str, config, reuse_kv: bool = True,
+                 gpu_layers: int = 0) -> EngineChat | LlamaChat:
+    """`config`: an EngineConfig (the llama backend uses its n_ctx, seed and n_threads, and with a
+    budget also its policy and prefetch settings: llama.cpp computes, our cache decides).
+    `reuse_kv`: prefill only what a prompt adds to the last one (see EngineChat).
+    `gpu_layers`: llama backend only, dense layers on the GPU (GPU builds of llama.cpp)."""
     if backend == "llama":
-        return LlamaChat(path, config.n_ctx, config.seed, config.n_threads, reuse_kv)
+        runtime = None
+        if config.budget_bytes is not None or gpu_layers:
+            from edgemoe.llama_budget import BudgetedLlama, budgeted_config
+
+            runtime = BudgetedLlama(path, budgeted_config(config, gpu_layers))
+        return LlamaChat(path, config.n_ctx, config.seed, config.n_threads, reuse_kv, runtime)
     from edgemoe.engine import Engine
 
     return EngineChat(Engine(path, config), reuse_kv)

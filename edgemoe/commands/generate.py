@@ -5,40 +5,58 @@ import argparse
 import sys
 
 from edgemoe.commands.common import engine_config, model_path, routing_tap
+from edgemoe.errors import InputError
 
 
 def generate_cmd(args: argparse.Namespace) -> int:
     path = model_path(args.model)
+    config = engine_config(args, path)
+    gpu_layers = getattr(args, "gpu_layers", 0)
+    if args.backend == "llama" and config.budget_bytes is None and not gpu_layers:
+        return _generate_llama(args, path)  # stock llama.cpp: the baseline
     if args.backend == "llama":
-        return _generate_llama(args, path)
-    from edgemoe.engine import Engine
+        from edgemoe.llama_budget import BudgetedLlama, budgeted_config
 
-    engine = Engine(path, engine_config(args, path))
-    for warning in engine.warnings:
+        runtime, label = BudgetedLlama(path, budgeted_config(config, gpu_layers)), "llama + edgemoe cache"
+        events = runtime.stream_generate(args.prompt, args.max_tokens, args.temperature)
+    else:
+        if gpu_layers:
+            raise InputError("--gpu-layers is for --backend llama (llama.cpp's GPU builds)")
+        from edgemoe.engine import Engine
+
+        runtime, label = Engine(path, config), "edgemoe"
+        events = runtime.stream_generate(args.prompt, args.max_tokens, args.temperature)
+    for warning in runtime.warnings:
         print(f"edgemoe generate: warning: {warning}", file=sys.stderr)
     try:
-        sys.stdout.write(args.prompt)
-        last, low = None, [0, 0]  # token x expert slots served low, all
-        for event in engine.stream_generate(args.prompt, args.max_tokens, args.temperature):
-            sys.stdout.write(event.text)
-            sys.stdout.flush()
-            if args.stats:
-                c = event.cache
-                print(f"\n[token {event.index}: hits {c.hits} misses {c.misses} read {c.bytes_read / 2**20:.2f} MiB "
-                      f"stall {c.stall_s * 1e3:.1f} ms resident {c.resident_bytes / 2**20:.1f}/"
-                      f"{c.budget_bytes / 2**20:.1f} MiB{_low_note(c)}]", file=sys.stderr)
-            low[0] += event.cache.low_token_slots
-            low[1] += event.cache.token_slots
-            last = event
-        sys.stdout.write("\n")
-        if last:
-            dual = (f", served low {low[0]} of {low[1]} token x expert slots ({100 * low[0] / max(low[1], 1):.1f}%), "
-                    f"low copies {engine.low_bytes / 2**20:.1f} MiB" if engine.low_bytes else "")
-            print(f"[{last.index + 1} tokens, {last.tokens_per_s:.1f} tokens/s, backend edgemoe, "
-                  f"peak RSS {last.peak_rss_bytes / 2**20:.0f} MiB{dual}]", file=sys.stderr)
+        _print_stream(args, events, label, getattr(runtime, "low_bytes", 0), runtime.cache.loader)
     finally:
-        engine.close()
+        runtime.close()
     return 0
+
+
+def _print_stream(args: argparse.Namespace, events, label: str, low_bytes: int, loader) -> None:
+    sys.stdout.write(args.prompt)
+    last, low = None, [0, 0]  # token x expert slots served low, all
+    for event in events:
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+        if args.stats:
+            c = event.cache
+            print(f"\n[token {event.index}: hits {c.hits} misses {c.misses} read {c.bytes_read / 2**20:.2f} MiB "
+                  f"stall {c.stall_s * 1e3:.1f} ms resident {c.resident_bytes / 2**20:.1f}/"
+                  f"{c.budget_bytes / 2**20:.1f} MiB{_low_note(c)}]", file=sys.stderr)
+        low[0] += event.cache.low_token_slots
+        low[1] += event.cache.token_slots
+        last = event
+    sys.stdout.write("\n")
+    if last:
+        dual = (f", served low {low[0]} of {low[1]} token x expert slots ({100 * low[0] / max(low[1], 1):.1f}%), "
+                f"low copies {low_bytes / 2**20:.1f} MiB" if low_bytes else "")
+        reads = loader.stats()
+        io = f", expert reads {reads.bytes_read / 2**20:.0f} MiB at {reads.bandwidth_bps / 1e9:.2f} GB/s" if reads.reads else ""
+        print(f"[{last.index + 1} tokens, {last.tokens_per_s:.1f} tokens/s, backend {label}, "
+              f"peak RSS {last.peak_rss_bytes / 2**20:.0f} MiB{io}{dual}]", file=sys.stderr)
 
 
 def _low_note(c) -> str:
@@ -70,5 +88,8 @@ def chat_cmd(args: argparse.Namespace) -> int:
 
     sampling = read_sampling(str(args.temperature), str(args.top_p), str(args.max_tokens), args.ctx)
     path = model_path(args.model)
-    run_chat(open_backend(path, args.backend, engine_config(args, path)), sampling)
+    gpu_layers = getattr(args, "gpu_layers", 0)
+    if gpu_layers and args.backend != "llama":
+        raise InputError("--gpu-layers is for --backend llama (llama.cpp's GPU builds)")
+    run_chat(open_backend(path, args.backend, engine_config(args, path), gpu_layers=gpu_layers), sampling)
     return 0
