@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prefetch", action="store_true")
     b.add_argument("--threads", type=int, default=None, help="threads for both backends (default: all cores)")
     b.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    b.add_argument("--kv-type", default="f16", choices=("f16", "f32", "q8_0"),
+                   help="the engine's KV cache type (default f16; llama.cpp runs its default, f16)")
     b.set_defaults(func=measure.bench_cmd)
 
     tu = sub.add_parser("tune", help="find the expert budget, policy and prefetch setting that run fastest under a "
@@ -299,6 +301,8 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch", action="store_true", help="prefetch the next layer's predicted experts")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
     p.add_argument("--ctx", type=int, default=512, help="context length in tokens (default 512)")
+    p.add_argument("--kv-type", default="f16", choices=("f16", "f32", "q8_0"),
+                   help="KV cache type (default f16, as llama.cpp's; f32: the exact reference; q8_0: half of f16)")
     p.add_argument("--profile", type=Path, default=None,
                    help="settings from `edgemoe tune` (profile.yaml): model, budget, policy, prefetch, threads, "
                         "ctx; options given here override it")

@@ -142,11 +142,12 @@ class ExpertCache:
                     return self.low.experts[key], False
         return self._acquire_touched(key), True
 
-    def acquire_many(self, keys: list[Key]) -> list[ResidentExpert]:
+    def acquire_many(self, keys: list[Key], n_slots: list[int] | None = None) -> list[ResidentExpert]:
         """`acquire` of each of `keys` (distinct) in order, with the misses' reads in flight
         together (small experts need the queue depth); each returned expert is pinned until
         `release`. The touches, hits and evictions are those of acquiring one by one. The keys
-        must fit the budget together (else BudgetError: nothing is pinned or loaded)."""
+        must fit the budget together (else BudgetError: nothing is pinned or loaded). n_slots:
+        token slots each key serves, counted as `acquire_for` counts them."""
         s = self.state
         need = sum(s.sizes[k] for k in keys)
         if need > s.budget_bytes:
@@ -155,6 +156,7 @@ class ExpertCache:
         misses: list[Key] = []
         t0 = 0.0
         with self.cond:
+            s.c.token_slots += sum(n_slots or ())
             for key in keys:
                 s.touch(key)
                 started = self._hit_or_begin(key)  # the rest are unpinned or prefetches in flight: room comes
@@ -263,11 +265,16 @@ class ExpertCache:
         return [ResidentExpert(spec, buf) for spec, buf in zip(specs, buffers)]
 
     def release(self, key: Key) -> None:
+        self.release_many([key])
+
+    def release_many(self, keys: list[Key]) -> None:
+        """`release` of each of `keys`, under one lock."""
         with self.cond:
             pins = self.state.pins
-            pins[key] -= 1
-            if pins[key] <= 0:
-                del pins[key]
+            for key in keys:
+                pins[key] -= 1
+                if pins[key] <= 0:
+                    del pins[key]
             self.cond.notify_all()
 
     def _insert(self, key: Key, expert: ResidentExpert, prefetched: bool) -> None:

@@ -120,20 +120,20 @@ class Runner:
         def build():
             g = Graph(self.backend, label="dense", reuse=n == 1)
             routed = self.model.build_layer(g, i, kv, self.acts, n)
-            outs = tuple(g.output(t) for t in routed) if routed else ()
-            return g, outs
+            if not routed:
+                return g, ()
+            ids, weights = (g.output(t) for t in routed)  # [k, T] each, read into [T, k]
+            k = ids.ne[0]
+            return g, ((ids, np.empty((n, k), dtype=np.int32)), (weights, np.empty((n, k), dtype=np.float32)))
 
         g, outs = self._cached(kv.graphs, (i, kv.n_kv, n), build)
         g.compute()
-        if outs:
-            ids, weights = outs
-            k = ids.ne[0]
-            ids_np = g.read(ids, np.empty((n, k), dtype=np.int32))
-            w_np = g.read(weights, np.empty((n, k), dtype=np.float32))
+        for t, array in outs:
+            g.read(t, array)
         if n > 1:
             g.close()
         if outs:
-            block.moe.run(self.acts, ids_np, w_np)
+            block.moe.run(self.acts, outs[0][1], outs[1][1])
 
     def close(self) -> None:
         for g, _ in self._graphs.values():

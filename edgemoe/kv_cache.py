@@ -52,6 +52,8 @@ class KVCache:
         # per-step inputs shared by every layer's graph; the mask is [T, n_kv] f16, packed from the start
         self.steps = Buffer(backend, {"pos": (ops.I32, (self.n_batch,)), "rows": (ops.I64, (self.n_batch,)),
                                       "mask": (ops.F16, (n_ctx * self.n_batch,))})
+        self._pos, self._rows = np.zeros(1, dtype=np.int32), np.zeros(1, dtype=np.int64)
+        self._mask_row = np.zeros(n_ctx, dtype=np.float16)
         self.graphs: dict[tuple, tuple] = {}  # decode graphs bound to this cache: key -> (graph, outputs)
         self.lib = ops.lib()
         self.start, self.n_tokens, self.n_kv = 0, 0, 0
@@ -74,18 +76,19 @@ class KVCache:
         if n_tokens > self.n_batch:
             raise ValueError(f"a step of {n_tokens} tokens exceeds this KV cache's batch of {self.n_batch}")
         n_kv = self.kv_rows(end)
-        pos = np.arange(start, end, dtype=np.int32)
-        mask = np.full((n_tokens, n_kv), -np.inf, dtype=np.float16)
-        mask[np.arange(n_kv)[None, :] <= pos[:, None]] = 0.0
-        self._set("pos", pos)
-        self._set("rows", pos.astype(np.int64))
-        self._set("mask", mask)
+        if n_tokens == 1:  # decode: one mask row, no temporaries
+            pos, rows, mask = self._pos[:1], self._rows[:1], self._mask_row[:n_kv]
+            pos[0] = rows[0] = start
+            mask[:end] = 0.0
+            mask[end:] = -np.inf
+        else:
+            pos = np.arange(start, end, dtype=np.int32)
+            rows = pos.astype(np.int64)
+            mask = np.full((n_tokens, n_kv), -np.inf, dtype=np.float16)
+            mask[np.arange(n_kv)[None, :] <= pos[:, None]] = 0.0
+        for name, array in (("pos", pos), ("rows", rows), ("mask", mask)):
+            self.lib.ggml_backend_tensor_set(self.steps[name].ptr, array.ctypes.data, 0, array.nbytes)
         self.start, self.n_tokens, self.n_kv = start, n_tokens, n_kv
-
-    def _set(self, name: str, array: np.ndarray) -> None:
-        import ctypes
-
-        self.lib.ggml_backend_tensor_set(self.steps[name].ptr, ctypes.c_void_p(array.ctypes.data), 0, array.nbytes)
 
     # ---- views a graph reads (built into graph `g` for the current step's shape) -------------
     def pos(self, g: Ops) -> Tensor:

@@ -114,6 +114,9 @@ class Embedding:
         self.backend = backend
 
     def check(self, tokens) -> np.ndarray:
+        """Token ids as int32 for ggml_get_rows, each checked against the vocabulary."""
+        if len(tokens) == 1 and 0 <= tokens[0] < self.vocab:  # a decode step
+            return np.array(tokens, dtype=np.int32)
         ids = np.asarray(tokens, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab):
             raise ValueError(f"token id out of range 0..{self.vocab - 1}")

@@ -72,15 +72,20 @@ def expert_ffn(g, arena, x: Tensor, ids: Tensor) -> Tensor:
 
 
 class _Pairs:
-    """One arena's (token, slot) pairs in a graph: the inputs fed on every compute."""
+    """One arena's (token, slot) pairs in a graph: inputs bound to arrays filled before each compute."""
 
     def __init__(self, g, n: int):
         self.tok, self.frames = g.input(ops.I32, (n,)), g.input(ops.I32, (1, n))
         self.weights, self.rows = g.input(ops.F32, (1, 1, n)), g.input(ops.I64, (n,))
+        self._arrays = [g.bind(t) for t in (self.rows, self.tok, self.frames, self.weights)]
 
-    def feed(self, g, tok, frames, weights, rows) -> None:
-        for t, a in ((self.tok, tok), (self.frames, frames), (self.weights, weights), (self.rows, rows)):
-            g.feed(t, a)
+    def set(self, rows, k: int, frames, weights) -> None:
+        """rows: the pairs' positions p = t * k + slot (ascending), their experts' frames and weights."""
+        r, tok, f, w = self._arrays
+        r[:] = rows
+        np.floor_divide(r, k, out=tok, casting="unsafe")
+        f[:] = frames
+        w[:] = weights
 
 
 class MoEBlock:
@@ -88,13 +93,18 @@ class MoEBlock:
         self.layer, self.router_weight, self.router, self.cfg = layer, router_weight, router, cfg
         self.cache, self.backend = cache, backend
         self.shared = None        # SharedExpertMoE adds its FFN to the combine step
-        self.last_ids: torch.Tensor | None = None  # [T, k] of the latest call, for traces
+        self._ids: np.ndarray | None = None  # [T, k] of the latest call
         self.observers: list = []  # called as f(layer, x [T, D]) once routed, before experts run (prefetcher)
         self.recorders: list = []  # called as f(layer, ids [T, k]) after routing (traces)
-        self._graphs: dict[tuple, tuple] = {}  # decode graphs: (T, arenas) -> (graph, [_Pairs])
+        self._graphs: dict[tuple, tuple] = {}  # decode graphs: (T, combine, arenas) -> (graph, [_Pairs])
 
     def build_router(self, g, xn: Tensor) -> tuple[Tensor, Tensor]:
         return build_router(g, self.router_weight, xn, self.cfg)
+
+    @property
+    def last_ids(self) -> torch.Tensor | None:
+        """[T, k] expert ids of the latest call (traces, events)."""
+        return None if self._ids is None else torch.from_numpy(self._ids)
 
     def run(self, acts, ids: np.ndarray, weights: np.ndarray) -> None:
         """Experts for routing ids/weights [T, k]: acts.x := acts.h + MoE(acts.xn) (+ shared)."""
@@ -103,52 +113,64 @@ class MoEBlock:
             x = torch.from_numpy(acts.read("xn", n_tokens))
             for observe in self.observers:
                 observe(self.layer, x)
-        self.last_ids = torch.from_numpy(ids.astype(np.int64))
-        for record in self.recorders:
-            record(self.layer, self.last_ids)
-        flat, w = ids.reshape(-1), weights.reshape(-1)
-        chosen = np.unique(flat)  # ascending: the demand order depends on routing only (traces replay)
-        keys = [(self.layer, int(e)) for e in chosen]
-        members = [np.flatnonzero(flat == e) for e in chosen]  # pairs p = t * k + slot of each expert
-        gates = [float(w[p].max()) for p in members]  # dual precision loads the full copy above a threshold
+        self._ids = ids.astype(np.int64)
+        if self.recorders:
+            for record in self.recorders:
+                record(self.layer, self.last_ids)
+        flat, w = ids.reshape(-1).tolist(), weights.reshape(-1)
+        members: dict[int, list[int]] = {}  # expert -> its pairs p = t * k + slot
+        for p, e in enumerate(flat):
+            members.setdefault(e, []).append(p)
+        # ascending ids: the demand order depends on routing only (traces replay exactly)
+        chosen = sorted(members)
+        keys = [(self.layer, e) for e in chosen]
+        slots = [len(members[e]) for e in chosen]
         cache = self.cache
-        if sum(cache.state.sizes[key] for key in keys) <= cache.budget_bytes:
-            # all fit at once: pinned together, one graph (pairs, sum, shared, residual)
-            got = []
-            try:
-                for key, g_max, p in zip(keys, gates, members):
-                    got.append(cache.acquire_for(key, g_max, len(p)))
-                self._compute(acts, n_tokens, k, flat, w, chosen, [e for e, _ in got], combine=True)
-            finally:
-                for key, (_, pinned) in zip(keys, got):
-                    if pinned:
-                        cache.release(key)
-        else:  # a budget below the layer's working set: one expert resident at a time, then the sum
-            for key, g_max, p, e in zip(keys, gates, members, chosen):
-                expert, pinned = cache.acquire_for(key, g_max, len(p))
+        if sum(cache.state.sizes[key] for key in keys) > cache.budget_bytes:
+            # a budget below the layer's working set: one expert resident at a time, then the sum
+            for key, n, e in zip(keys, slots, chosen):
+                expert, pinned = cache.acquire_for(key, float(w[members[e]].max()), n)
                 try:
-                    self._compute(acts, n_tokens, k, flat, w, chosen[chosen == e], [expert], combine=False)
+                    self._compute(n_tokens, k, w, [(expert, members[e])], False, acts)
                 finally:
                     if pinned:
                         cache.release(key)
-            self._compute(acts, n_tokens, k, flat, w, chosen[:0], [], combine=True)
+            self._compute(n_tokens, k, w, [], True, acts)
+            return
+        # all fit at once: pinned together, one graph (pairs, sum, shared, residual)
+        if cache.low is None:  # the misses' reads in flight together
+            got, pinned = cache.acquire_many(keys, slots), keys
+        else:  # dual precision: a miss loads its full copy if its largest gate weight is above a threshold
+            got, pinned = [], []
+            try:
+                for key, n, e in zip(keys, slots, chosen):
+                    expert, pin = cache.acquire_for(key, float(w[members[e]].max()), n)
+                    got.append(expert)
+                    if pin:
+                        pinned.append(key)
+            except BaseException:
+                cache.release_many(pinned)
+                raise
+        try:
+            self._compute(n_tokens, k, w, [(ex, members[e]) for ex, e in zip(got, chosen)], True, acts)
+        finally:
+            cache.release_many(pinned)
 
-    def _compute(self, acts, n_tokens: int, k: int, flat, w, chosen, experts, combine: bool) -> None:
-        """The pairs of `chosen` (resident as `experts`) into acts.y; with `combine`, then the sum."""
-        arena_of = {}  # arena index -> (arena, pair positions)
-        frames = np.zeros(int(chosen.max()) + 1 if len(chosen) else 1, dtype=np.int32)
-        for e, expert in zip(chosen, experts):
-            frames[e] = expert.index
-            arena_of.setdefault(expert.arena.index, [expert.arena, []])[1].append(np.flatnonzero(flat == e))
+    def _compute(self, n_tokens: int, k: int, w: np.ndarray, pairs: list, combine: bool, acts) -> None:
+        """pairs: (resident expert, its pair positions) into acts.y; with `combine`, then the sum."""
+        by_arena: dict[int, tuple] = {}  # arena index -> (arena, [(position, frame)])
+        for expert, positions in pairs:
+            items = by_arena.setdefault(expert.arena.index, (expert.arena, []))[1]
+            items.extend((p, expert.index) for p in positions)
         active = []
-        for index in sorted(arena_of):
-            arena, parts = arena_of[index]
-            active.append((arena, np.sort(np.concatenate(parts))))
-        key = (n_tokens, combine, tuple((a.index, len(p)) for a, p in active))
-        graph, pairs = self._graph(acts, key, n_tokens, k, [(a, len(p)) for a, p in active], combine)
-        for (arena, p), inputs in zip(active, pairs):
-            inputs.feed(graph, (p // k).astype(np.int32), frames[flat[p]], np.ascontiguousarray(w[p]),
-                        p.astype(np.int64))
+        for index in sorted(by_arena):
+            arena, items = by_arena[index]
+            items.sort()
+            active.append((arena, [p for p, _ in items], [f for _, f in items]))
+        key = (n_tokens, combine, tuple((a.index, len(p)) for a, p, _ in active))
+        graph, inputs = self._graph(acts, key, n_tokens, k, [(a, len(p)) for a, p, _ in active], combine)
+        for (_, positions, frames), pair_inputs in zip(active, inputs):
+            pair_inputs.set(positions, k, frames, w[positions])
         graph.compute()
         if n_tokens > 1:
             graph.close()

@@ -9,7 +9,6 @@ computes; any other scratch graph computed in between moves its memory.
 """
 from __future__ import annotations
 
-import ctypes
 import time
 
 import numpy as np
@@ -40,6 +39,8 @@ class Graph(Ops, StoredTensors):
         self.galloc = lib.ggml_gallocr_new(backend.buffer_type) if reuse else None
         self.allocated = False
         self._feeds: list[tuple[Tensor, np.ndarray]] = []
+        self._bound: list[tuple[int, int, int]] = []  # (tensor, address, bytes) copied in before every compute
+        self._bound_arrays: list[np.ndarray] = []     # their arrays, alive as long as the graph
 
     def _made(self, t: Tensor) -> Tensor:
         self.n_tensors += 1
@@ -67,13 +68,25 @@ class Graph(Ops, StoredTensors):
         self.lib.ggml_set_output(t.ptr)
         return self.expand(t)
 
+    def _check_input(self, t: Tensor, array: np.ndarray) -> None:
+        if array.dtype != _NUMPY[t.type] or array.nbytes != t.nbytes or not array.flags.c_contiguous:
+            raise ValueError(f"graph input {t} takes {t.nbytes} contiguous bytes of {np.dtype(_NUMPY[t.type])}, "
+                             f"got {array.dtype} {array.shape}")
+
     def feed(self, t: Tensor, array: np.ndarray) -> None:
         """Copy `array` into input t at the next compute (t's dtype and size, contiguous)."""
-        want = ops.nbytes(t.type, t.ne)
-        if array.dtype != _NUMPY[t.type] or array.nbytes != want or not array.flags.c_contiguous:
-            raise ValueError(f"graph input {t} takes {want} contiguous bytes of {np.dtype(_NUMPY[t.type])}, "
-                             f"got {array.dtype} {array.shape}")
+        self._check_input(t, array)
         self._feeds.append((t, array))
+
+    def bind(self, t: Tensor) -> np.ndarray:
+        """An array copied into input t before every compute: the caller fills it in place (a
+        reused graph's per-step inputs, checked once)."""
+        dims = tuple(d for d in reversed(t.ne))
+        array = np.zeros(dims, dtype=_NUMPY[t.type])
+        self._check_input(t, array)
+        self._bound.append((t.ptr, array.ctypes.data, array.nbytes))
+        self._bound_arrays.append(array)
+        return array.reshape(-1)
 
     def _alloc(self) -> None:
         galloc = self.galloc or self.backend.scratch_galloc
@@ -86,8 +99,11 @@ class Graph(Ops, StoredTensors):
     def compute(self) -> None:
         if not self.allocated or (not self.reuse and self.backend.scratch_owner is not self):
             self._alloc()
+        tensor_set = self.lib.ggml_backend_tensor_set
+        for ptr, address, n in self._bound:
+            tensor_set(ptr, address, 0, n)
         for t, array in self._feeds:
-            self.lib.ggml_backend_tensor_set(t.ptr, ctypes.c_void_p(array.ctypes.data), 0, array.nbytes)
+            tensor_set(t.ptr, array.ctypes.data, 0, array.nbytes)
         self._feeds.clear()
         t0 = time.perf_counter()
         status = self.lib.ggml_backend_graph_compute(self.backend.handle, self.graph)
@@ -105,10 +121,9 @@ class Graph(Ops, StoredTensors):
             while len(dims) > 2 and dims[0] == 1:
                 dims.pop(0)
             out = np.empty(dims, dtype=_NUMPY[t.type])
-        want = ops.nbytes(t.type, t.ne)
-        if out.nbytes != want or out.dtype != _NUMPY[t.type] or not out.flags.c_contiguous:
-            raise ValueError(f"reading {t} needs {want} contiguous bytes of {np.dtype(_NUMPY[t.type])}")
-        self.lib.ggml_backend_tensor_get(t.ptr, ctypes.c_void_p(out.ctypes.data), 0, want)
+        if out.nbytes != t.nbytes or out.dtype != _NUMPY[t.type] or not out.flags.c_contiguous:
+            raise ValueError(f"reading {t} needs {t.nbytes} contiguous bytes of {np.dtype(_NUMPY[t.type])}")
+        self.lib.ggml_backend_tensor_get(t.ptr, out.ctypes.data, 0, t.nbytes)
         return out
 
     def close(self) -> None:

@@ -26,18 +26,17 @@ NO_MATMUL = frozenset(int(t) for t in (QT.Q8_1, QT.Q8_K, QT.I8, QT.I16, QT.I32, 
 
 class Tensor:
     """A ggml tensor made by us: its pointer, type, ne and nb (4 dims each)."""
-    __slots__ = ("ptr", "type", "ne", "nb")
+    __slots__ = ("ptr", "type", "ne", "nb", "contiguous", "nbytes")
 
     def __init__(self, ptr: int, type_: int, ne: tuple[int, ...], nb: tuple[int, ...] | None = None):
         if not ptr:
             raise RuntimeError("ggml returned no tensor (out of context memory?)")
         self.ptr, self.type = ptr, type_
         self.ne = tuple(ne) + (1,) * (4 - len(ne))
-        self.nb = tuple(nb) if nb is not None else contiguous_nb(type_, self.ne)
-
-    @property
-    def contiguous(self) -> bool:
-        return self.nb == contiguous_nb(self.type, self.ne)
+        dense = contiguous_nb(type_, self.ne)
+        self.nb = tuple(nb) if nb is not None else dense
+        self.contiguous = self.nb == dense
+        self.nbytes = dense[3] * self.ne[3]  # of the tensor's values laid out contiguously (ggml_nbytes if so)
 
     def __repr__(self) -> str:
         return f"Tensor(type={self.type}, ne={self.ne})"

@@ -31,7 +31,8 @@ class BenchRow:
     hit_rate: float | None = None
     belady_hit_rate: float | None = None
     mib_read_per_token: float | None = None
-    ms_per_token: dict[str, float] = field(default_factory=dict)  # dense / experts / stall / other
+    # dense / experts / stall / other (Python and glue: the rest of the wall time), other_per_layer
+    ms_per_token: dict[str, float] = field(default_factory=dict)
     peak_rss_mib: float = 0.0         # VmHWM over the run, reset before it
 
 
@@ -52,10 +53,14 @@ def bench_engine(path: Path, prompt_ids: list[int], n_tokens: int, config: Engin
     engine = Engine(path, config)
     try:
         with torch.no_grad():
-            kv = engine.model.new_kv(len(prompt_ids) + 1)
-            t0 = time.perf_counter()
-            engine.model.forward(prompt_ids, kv, 0)
-            prefill = len(prompt_ids) / (time.perf_counter() - t0)
+            # prefill timed warm: the experts the prompt routes to are loaded by a first pass, as
+            # llama.cpp reads its weights when it loads the model (untimed)
+            for timed in (False, True):
+                kv = engine.model.new_kv(len(prompt_ids) + 1)
+                t0 = time.perf_counter()
+                engine.model.forward(prompt_ids, kv, 0)
+                prefill = len(prompt_ids) / (time.perf_counter() - t0)
+                kv.close()
         engine.cache.step_stats()
         recorder = TraceRecorder(engine) if record else None
         events, compute0 = [], {}
@@ -73,6 +78,7 @@ def bench_engine(path: Path, prompt_ids: list[int], n_tokens: int, config: Engin
               "stall": sum(e.cache.stall_s for e in decode)}
         ms = {k: 1e3 * v / n for k, v in ms.items()}
         ms["other"] = max(1e3 * wall / n - sum(ms.values()), 0.0)
+        ms["other_per_layer"] = ms["other"] / len(engine.model.blocks)
         return dict(prefill=prefill, decode=events[-1].tokens_per_s, hit_rate=hits / max(hits + misses, 1),
                     mib_per_token=sum(e.cache.bytes_read for e in decode) / n / 2**20, ms=ms,
                     peak=peak_rss_bytes() / 2**20, trace=trace, total=engine.expert_bytes_total,
@@ -82,7 +88,7 @@ def bench_engine(path: Path, prompt_ids: list[int], n_tokens: int, config: Engin
 
 
 def run_bench(path: Path, prompt: str, n_tokens: int, shares: list[float], n_threads: int, policy: str = "lru",
-              prefetch: bool = False, on_row=None) -> list[BenchRow]:
+              prefetch: bool = False, kv_type: str = "f16", on_row=None) -> list[BenchRow]:
     from edgemoe.tokenizer import Tokenizer
 
     prompt_ids = Tokenizer(path).encode(prompt)
@@ -91,12 +97,13 @@ def run_bench(path: Path, prompt: str, n_tokens: int, shares: list[float], n_thr
     rows = [BenchRow(name, "llama.cpp", 1.0, llama_prefill, llama_decode, 1.0)]
     on_row and on_row(rows[-1])
     full = bench_engine(path, prompt_ids, n_tokens, EngineConfig(n_threads=n_threads, n_ctx=len(prompt_ids) + n_tokens + 1,
-                                                                 policy=policy, prefetch=prefetch), record=True)
+                                                                 policy=policy, prefetch=prefetch, kv_type=kv_type),
+                        record=True)
     trace = full["trace"]
     for share in shares:
         r = full if share >= 1.0 else bench_engine(
             path, prompt_ids, n_tokens, EngineConfig(budget_bytes=int(full["total"] * share), policy=policy,
-                                                     prefetch=prefetch, n_threads=n_threads,
+                                                     prefetch=prefetch, n_threads=n_threads, kv_type=kv_type,
                                                      n_ctx=len(prompt_ids) + n_tokens + 1))
         budget = int(full["total"] * share)
         belady = simulate(trace, budget, "belady").hit_rate if share < 1.0 else 1.0

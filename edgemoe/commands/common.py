@@ -58,6 +58,7 @@ def engine_config(args: argparse.Namespace, path) -> "EngineConfig":
     predictor, predictor_path = predictor_choice(getattr(args, "predictor", None))
     return EngineConfig(budget_bytes=budget, policy=args.policy, prefetch=args.prefetch or predictor is not None,
                         n_threads=args.threads, n_ctx=args.ctx, seed=getattr(args, "seed", 0), future=future,
+                        kv_type=getattr(args, "kv_type", "f16"),
                         dual_low_type=getattr(args, "dual_low", None),
                         dual_load_above=getattr(args, "dual_load_above", 0.5),
                         dual_background_load=getattr(args, "dual_background_load", False),

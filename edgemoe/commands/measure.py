@@ -34,10 +34,11 @@ def bench_cmd(args: argparse.Namespace) -> int:
     prompt = _bench_prompt(args.prompt_tokens)
     console = Console(width=200)  # the table is wide; wrapping it at 80 columns makes it unreadable
     table = Table("model", "backend", "budget", "prefill tok/s", "decode tok/s", "vs llama.cpp", "hit %",
-                  "belady hit %", "MiB read/tok", "ms/tok dense|experts|stall|other", "peak RSS MiB")
+                  "belady hit %", "MiB read/tok", "ms/tok dense|experts|stall|other", "other ms/layer/tok",
+                  "peak RSS MiB")
     all_rows = []
     for path in models:
-        rows = run_bench(Path(path), prompt, args.tokens, shares, threads, args.policy, args.prefetch,
+        rows = run_bench(Path(path), prompt, args.tokens, shares, threads, args.policy, args.prefetch, args.kv_type,
                          on_row=lambda r: console.print(f"  {r.model} {r.backend} {100 * r.budget_share:.0f}%: "
                                                         f"decode {r.decode_tps:.2f} tok/s", highlight=False))
         for r in rows:
@@ -48,11 +49,12 @@ def bench_cmd(args: argparse.Namespace) -> int:
                           "" if r.hit_rate is None else f"{100 * r.hit_rate:.1f}",
                           "" if r.belady_hit_rate is None else f"{100 * r.belady_hit_rate:.1f}",
                           "" if r.mib_read_per_token is None else f"{r.mib_read_per_token:.2f}", ms,
+                          f"{r.ms_per_token['other_per_layer']:.3f}" if r.ms_per_token else "",
                           f"{r.peak_rss_mib:.0f}" if r.peak_rss_mib else "")
         table.add_section()
         all_rows += rows
     console.print(f"threads={threads} decode tokens={args.tokens} prompt tokens={args.prompt_tokens} "
-                  f"policy={args.policy} prefetch={args.prefetch}")
+                  f"policy={args.policy} prefetch={args.prefetch} kv={args.kv_type}")
     console.print(table)
     if args.json:
         args.json.write_text(json.dumps(rows_as_dicts(all_rows), indent=1))
