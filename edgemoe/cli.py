@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "rate vs Belady; ms per token by part. Default models: the demo model and a "
                                    "Mixtral-shaped slice (true Mixtral dims, random Q4_K weights, built once).")
     b.add_argument("models", type=Path, nargs="*", help=".gguf files (default: demo + Mixtral slice)")
-    b.add_argument("--slice-layers", type=int, default=2, help="layers of the Mixtral-shaped slice (default 2)")
+    b.add_argument("--slice-layers", type=int, default=None,
+                   help="layers of the Mixtral-shaped slice (default 2; 8 with --max-memory)")
     b.add_argument("--no-slice", action="store_true", help="skip the Mixtral-shaped slice")
     b.add_argument("--budgets", default="100,75,50,25", help="expert budgets in %% of all expert bytes")
     b.add_argument("-n", "--tokens", type=int, default=32, help="decode tokens per run (default 32)")
@@ -152,6 +153,27 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     b.add_argument("--kv-type", default="f16", choices=("f16", "f32", "q8_0"),
                    help="the engine's KV cache type (default f16; llama.cpp runs its default, f16)")
+    b.add_argument("--max-memory", default=None, metavar="CAP",
+                   help="memory-capped benchmark: run every backend configuration (llama.cpp defaults, no repack, "
+                        "no repack + lazy; the edgemoe engine; llama.cpp with edgemoe's expert cache) in a fresh "
+                        "process inside its own memory cgroup "
+                        "capped at CAP (e.g. 3GiB), the model file's page cache dropped before each run; prints "
+                        "decode tok/s, peak cgroup memory, OOM kills, bytes read per token, the ratio against the "
+                        "best plain llama.cpp run and the bound (bytes/token / probed bandwidth + compute/token). "
+                        "Needs a writable cgroup (root). Default models: the 8-layer Mixtral slice and the "
+                        "Qwen3-30B-A3B-shaped slice (built once)")
+    b.add_argument("--budget", default=None,
+                   help="with --max-memory: expert budget in bytes for the managed runs (default: each picks the "
+                        "largest its memory plan fits under the cap, as generate --max-memory does)")
+    b.add_argument("--runs", default=None,
+                   help="with --max-memory: comma-separated subset of llama, llama-norepack, llama-lazy, edgemoe, "
+                        "llama-budget (default: all)")
+    b.add_argument("--no-reference", action="store_true",
+                   help="with --max-memory: skip the warm, uncapped llama.cpp run that measures compute per token "
+                        "(no bound is printed then)")
+    b.add_argument("--cgroup-root", type=Path, default=None,
+                   help="with --max-memory: cgroup folder to make the groups in (default: below this process's own "
+                        "memory cgroup, v2 if its memory controller is there, else v1)")
     b.set_defaults(func=measure.bench_cmd)
 
     tu = sub.add_parser("tune", help="find the expert budget, policy and prefetch setting that run fastest under a "
@@ -322,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "profile", None) is not None:
             tune.apply_profile(args, sys.argv[1:] if argv is None else argv)
         from edgemoe.converters.atomic import sigterm_as_interrupt
-        with sigterm_as_interrupt(args.command in ("convert", "compress")):  # `kill` cleans up like Ctrl-C
+        # `kill` cleans up like Ctrl-C: partial outputs, and bench --max-memory's cgroups and children
+        with sigterm_as_interrupt(args.command in ("convert", "compress", "bench")):
             return args.func(args) or 0
     except KeyboardInterrupt:
         print("\ninterrupted; no partial output was kept", file=sys.stderr)

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgemoe.commands.common import expert_bytes_total, model_path, read_prompts
+from edgemoe.errors import InputError
 
 
 def bench_cmd(args: argparse.Namespace) -> int:
@@ -17,18 +18,15 @@ def bench_cmd(args: argparse.Namespace) -> int:
 
     from edgemoe.bench.speed import rows_as_dicts, run_bench
 
+    if args.max_memory is not None:
+        return capped_bench_cmd(args)
     models = list(args.models)
     if not models:
         from edgemoe.demo import demo_gguf
         models.append(demo_gguf())
         if not args.no_slice:
-            from edgemoe.models.cache import cache_dir
             from edgemoe.models.mixtral_slice import write_mixtral_slice
-            path = cache_dir("bench") / f"mixtral-slice-{args.slice_layers}L-q4_k.gguf"
-            if not path.exists():
-                print(f"building the Mixtral-shaped slice at {path} (once) ...", file=sys.stderr)
-                write_mixtral_slice(path, args.slice_layers, "q4_k")
-            models.append(path)
+            models.append(_slice(write_mixtral_slice, "mixtral", args.slice_layers or 2))
     shares = [float(x) / 100 for x in args.budgets.split(",")]
     threads = args.threads or os.cpu_count() or 1
     prompt = _bench_prompt(args.prompt_tokens)
@@ -59,6 +57,68 @@ def bench_cmd(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps(rows_as_dicts(all_rows), indent=1))
     return 0
+
+
+def capped_bench_cmd(args: argparse.Namespace) -> int:
+    """Every backend configuration in its own memory cgroup, file page cache dropped first."""
+    import json
+    import os
+
+    from edgemoe.bench.capped import CappedOptions, check_cgroups, parse_runs, run_capped
+    from edgemoe.bench.capped_report import model_header, report_dict, result_line, results_table
+    from edgemoe.bench.cgroup import CgroupError
+    from edgemoe.memory import parse_bytes
+
+    try:
+        check_cgroups(args.cgroup_root)
+    except CgroupError as exc:
+        print(f"edgemoe bench: cannot cap memory, nothing was run: {exc}", file=sys.stderr)
+        return 2
+    cap, runs, budget = parse_bytes(args.max_memory), parse_runs(args.runs), _capped_budget(args)
+    models = list(args.models)
+    if not models:
+        from edgemoe.models.mixtral_slice import write_mixtral_slice
+        from edgemoe.models.qwen3_slice import DEFAULT_LAYERS, write_qwen3_slice
+        models = [_slice(write_mixtral_slice, "mixtral", args.slice_layers or 8),
+                  _slice(write_qwen3_slice, "qwen3", DEFAULT_LAYERS)]
+    opts = CappedOptions(cap, _bench_prompt(args.prompt_tokens), args.tokens, args.threads or os.cpu_count() or 1,
+                         args.prompt_tokens * 4 + args.tokens + 8, runs, budget_bytes=budget,
+                         policy=args.policy, prefetch=args.prefetch, reference=not args.no_reference,
+                         cgroup_root=args.cgroup_root)
+    console = Console(width=240)  # 16 columns
+    reports = run_capped([Path(m) for m in models], opts,
+                         on_model=lambda rep: console.print(model_header(rep, cap), highlight=False),
+                         on_result=lambda rep, r: console.print(result_line(rep, r), highlight=False))
+    console.print(f"threads={opts.n_threads} decode tokens={args.tokens} prompt tokens~{args.prompt_tokens} "
+                  f"policy={args.policy} prefetch={args.prefetch} cap={cap / 2**20:.0f} MiB")
+    for rep in reports:
+        console.print(model_header(rep, cap), highlight=False)
+        console.print(results_table(rep))
+    if args.json:
+        from edgemoe.models.cache import write_atomic
+        write_atomic(args.json, json.dumps([report_dict(r) for r in reports], indent=1))
+    return 0
+
+
+def _capped_budget(args: argparse.Namespace) -> int | None:
+    if args.budget is None:
+        return None
+    from edgemoe.memory import parse_bytes
+
+    if args.budget.strip().endswith("%"):
+        raise InputError("--budget with --max-memory takes bytes (e.g. 1800MiB): one budget for every model")
+    return parse_bytes(args.budget)
+
+
+def _slice(write, arch: str, layers: int) -> Path:
+    """The benchmark slice of `arch` with `layers` layers, built once into the cache."""
+    from edgemoe.models.cache import cache_dir
+
+    path = cache_dir("bench") / f"{arch}-slice-{layers}L-q4_k.gguf"
+    if not path.exists():
+        print(f"building the {arch} slice at {path} (once) ...", file=sys.stderr)
+        write(path, layers, "q4_k")
+    return path
 
 
 def _bench_prompt(n_tokens: int) -> str:

@@ -11,6 +11,7 @@ import mmap
 import os
 import shutil
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,11 +106,13 @@ def read_warm_bps(path: str | os.PathLike, experts: list[ExpertSpec], repeats: i
     return nbytes / max(elapsed, 1e-9)
 
 
-def read_cold_bps(path: str | os.PathLike, start: int, length: int, max_s: float = 2.0) -> tuple[float, str]:
+def read_cold_bps(path: str | os.PathLike, start: int, length: int, max_s: float = 2.0, streams: int = 1,
+                  block_bytes: int = BLOCK_BYTES) -> tuple[float, str]:
     """Bytes/s from the disk over [start, start+length): O_DIRECT, else after dropping the pages
-    with posix_fadvise (does not touch pages other processes hold dirty)."""
-    start -= start % BLOCK_BYTES
-    buf = mmap.mmap(-1, BLOCK_BYTES)  # page-aligned, as O_DIRECT requires
+    with posix_fadvise (does not touch pages other processes hold dirty). `streams` threads read
+    `block_bytes` blocks in turn, so up to `streams` reads are in flight: queue depth decides
+    what a disk gives (here one 1 MiB O_DIRECT stream 0.77 GB/s, four of 8 MiB 2.8 GB/s)."""
+    start -= start % block_bytes
     for method in ("O_DIRECT", "fadvise"):
         flags = os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if method == "O_DIRECT" else 0)
         if method == "O_DIRECT" and not hasattr(os, "O_DIRECT"):
@@ -121,13 +124,7 @@ def read_cold_bps(path: str | os.PathLike, start: int, length: int, max_s: float
         try:
             if method == "fadvise":
                 os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
-            done, t0 = 0, time.perf_counter()
-            while done < length and time.perf_counter() - t0 < max_s:
-                n = os.preadv(fd, [buf], start + done)
-                if n <= 0:
-                    break
-                done += n
-            elapsed = time.perf_counter() - t0
+            done, elapsed = _read_blocks(fd, start, length, max_s, streams, block_bytes)
             if done:
                 return done / max(elapsed, 1e-9), method
         except (OSError, AttributeError):
@@ -135,6 +132,40 @@ def read_cold_bps(path: str | os.PathLike, start: int, length: int, max_s: float
         finally:
             os.close(fd)
     return 0.0, "unmeasured"
+
+
+def _read_blocks(fd: int, start: int, length: int, max_s: float, streams: int, block_bytes: int) -> tuple[int, float]:
+    """(bytes read, seconds): `streams` threads take the next block until `length` or `max_s`."""
+    next_block, done, errors = iter(range(start, start + length, block_bytes)), [0], []
+    lock = threading.Lock()
+    t0 = time.perf_counter()
+
+    def stream() -> None:
+        buf = mmap.mmap(-1, block_bytes)  # page-aligned, as O_DIRECT requires
+        try:
+            while time.perf_counter() - t0 < max_s:
+                with lock:
+                    offset = next(next_block, None)
+                if offset is None:
+                    return
+                n = os.preadv(fd, [buf], offset)
+                if n <= 0:
+                    return
+                with lock:
+                    done[0] += n
+        except OSError as exc:
+            errors.append(exc)
+        finally:
+            buf.close()
+
+    threads = [threading.Thread(target=stream, daemon=True) for _ in range(max(streams, 1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors and not done[0]:
+        raise errors[0]
+    return done[0], time.perf_counter() - t0
 
 
 def probe_machine(path: str | os.PathLike, specs: dict, sample_bytes: int = 256 * 2**20) -> MachineInfo:
