@@ -91,6 +91,7 @@ class GGUFFile:
             info = self._validated(t)
             self.tensors[info.name] = info
         self._check_vocab()
+        self._check_layer_count()
 
     def _validated(self, t) -> TensorInfo:
         try:
@@ -115,6 +116,18 @@ class GGUFFile:
                                  f"{TENSOR_ALIGNMENT} (general.alignment {self.reader.alignment}); re-create the "
                                  "file with `edgemoe convert`")
         return TensorInfo(t.name, shape, qtype, offset, nbytes)
+
+    def _check_layer_count(self) -> None:
+        """Readers loop over `{arch}.block_count` layers: a count past the file's last `blk.N`
+        tensor (a corrupt value such as 2^31) would loop for minutes instead of failing."""
+        arch = self.field("general.architecture")
+        count = self.field(f"{arch}.block_count") if isinstance(arch, str) else None
+        if count is None:
+            return
+        layers = 1 + max((info.layer for info in self.tensors.values() if info.layer is not None), default=-1)
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= layers:
+            raise ModelFileError(f"{self.path}: {arch}.block_count = {count!r}, but its tensors hold {layers} layers; "
+                                 "the file is corrupt, re-create it with `edgemoe convert`")
 
     def _check_vocab(self) -> None:
         """llama.cpp aborts the process (GGML_ASSERT, no exception) on a vocabulary with two equal

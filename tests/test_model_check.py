@@ -243,3 +243,17 @@ def test_graph_ops_refuse_what_ggml_would_abort_or_hang_on():
     lines = done.stdout.splitlines()
     assert len(lines) == 5 and all(" raised ggml op refused before native code" in line for line in lines[:4]), lines
     assert "ggml type 26" in lines[0] and lines[4] == "rope 64 dims (64, 4, 2, 1)"
+
+
+def test_a_layer_count_past_the_tensors_is_refused_at_once(tmp_path):
+    """block_count = 998934001 (a fuzz case): every reader loops over block_count layers, and the
+    expert scan ran for minutes; the file is refused when it is opened."""
+    import time
+
+    path = tmp_path / "layers.gguf"
+    shutil.copy(tiny_files.stock("mixtral", "q8_0", tmp_path), path)
+    set_kv(path, "llama.block_count", 998934001)
+    start = time.perf_counter()
+    with pytest.raises(ModelFileError, match=r"llama\.block_count = 998934001, but its tensors hold 3 layers"):
+        GGUFFile(path)
+    assert time.perf_counter() - start < 5
