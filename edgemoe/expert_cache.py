@@ -25,7 +25,7 @@ import time
 
 from edgemoe.dual import LowCopies
 from edgemoe.events import CacheStats
-from edgemoe.expert_loader import ExpertLoader, spec_ranges
+from edgemoe.expert_loader import ExpertLoader, ReadCancelled, spec_ranges
 from edgemoe.expert_store import ExpertSpec, ResidentExpert, expert_buffer
 from edgemoe.gguf_file import ExpertReadError, ModelFileChanged, ModelFileError
 from edgemoe.policies import Key, Policy
@@ -84,6 +84,7 @@ class ExpertCache:
         self.experts: dict[Key, ResidentExpert] = {}
         self.loading: set[Key] = set()
         self.halted = False  # a demand read failed: no background loads until the next demand access
+        self._prefetching: dict[Key, threading.Event] = {}  # prefetch reads in flight -> their cancel
         self._loads: queue.Queue | None = None
         if low is not None:
             self._loads = queue.LifoQueue()  # (clock at request, key); None stops the loader
@@ -298,13 +299,27 @@ class ExpertCache:
             s.begin_load(key)
             self.loading.add(key)
             s.c.prefetch_issued += 1
+            cancel = self._prefetching[key] = threading.Event()
         try:
-            expert = self._read(key)
-        except (OSError, ModelFileError):
+            with self.loader.background(cancel):  # behind demand reads; `cancel_prefetches` stops it
+                expert = self._read(key)
+        except (OSError, ModelFileError, ReadCancelled):
             return False  # the demand path will meet the same error and report it
+        finally:
+            with self.cond:
+                self._prefetching.pop(key, None)
         with self.cond:
             self._insert(key, expert, prefetched=True)
         return True
+
+    def cancel_prefetches(self, layer: int, keep: set[Key]) -> int:
+        """Layer `layer` has routed: stop prefetches of its experts that it did not choose (their
+        unread chunks would delay the demand reads); returns how many were stopped."""
+        with self.cond:
+            stop = [k for k in self._prefetching if k[0] == layer and k not in keep]
+            for k in stop:
+                self._prefetching[k].set()
+            return len(stop)
 
     def _load_in_background(self) -> None:
         """Full-precision loads behind low-served misses: evict like a demand miss, but never wait."""

@@ -19,7 +19,9 @@ mmap, bytearray, memoryview) or `memory_at(address, nbytes)` for raw memory.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import itertools
 import os
 import queue
 import threading
@@ -57,9 +59,14 @@ class LoaderStats:
         return self.bytes_read / self.busy_s if self.busy_s > 0 else 0.0
 
 
+class ReadCancelled(Exception):
+    """A background read whose cancel event was set before all its chunks were read."""
+
+
 class _Batch:
-    def __init__(self, n: int):
-        self.left, self.error = n, None
+    def __init__(self, n: int, cancel: threading.Event | None):
+        self.left, self.error, self.cancel = n, None, cancel
+        self.nbytes = self.direct_bytes = 0  # read so far
         self.done = threading.Event()
         if n == 0:
             self.done.set()
@@ -82,7 +89,10 @@ class ExpertLoader:
         self._lock = threading.Lock()
         self._bytes = self._direct = self._reads = 0
         self._busy_s, self._active, self._since = 0.0, 0, 0.0
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        # (priority, order, job): demand reads (0) overtake queued background chunks (1)
+        self._jobs: queue.PriorityQueue = queue.PriorityQueue()
+        self._order = itertools.count()
+        self._local = threading.local()
         self._threads = [threading.Thread(target=self._work, name=f"edgemoe-read-{i}", daemon=True)
                          for i in range(max(threads, 1))]
         for t in self._threads:
@@ -98,9 +108,21 @@ class ExpertLoader:
         first failed chunk's) or ModelFileError (a range past the end, a short read)."""
         return self.read_many([(ranges, dest)])
 
+    @contextlib.contextmanager
+    def background(self, cancel: threading.Event):
+        """Reads this thread makes inside the block are background reads (prefetches): their
+        chunks wait behind every demand chunk, and once `cancel` is set the chunks not yet
+        started are skipped and the read raises ReadCancelled."""
+        self._local.cancel = cancel
+        try:
+            yield
+        finally:
+            self._local.cancel = None
+
     def read_many(self, requests: Sequence[tuple[Iterable[Range], object]]) -> int:
         """Several destinations at once: all their chunks are in flight together (small experts
         need this to keep the queue full). Returns the bytes read."""
+        cancel = getattr(self._local, "cancel", None)
         jobs: list[tuple[int, memoryview, int]] = []
         for ranges, dest in requests:
             view = memoryview(dest).cast("B")
@@ -114,19 +136,19 @@ class ExpertLoader:
                     raise ModelFileError(f"bytes {offset}..{offset + nbytes} lie beyond the end of the model file "
                                          f"({self.file_size} bytes); the file was truncated")
                 jobs.extend(self._chunks(view, base, offset, nbytes, pos))
-        batch = _Batch(len(jobs))
+        batch = _Batch(len(jobs), cancel)
         self._begin()
         try:
             for fd, into, offset in jobs[1:]:
-                self._jobs.put((batch, fd, into, offset))
+                self._jobs.put((int(cancel is not None), next(self._order), (batch, fd, into, offset)))
             if jobs:  # the caller reads one chunk itself: a one-chunk read never waits on a thread hop
                 self._run(batch, *jobs[0])
             batch.done.wait()
         finally:
-            self._end(sum(v.nbytes for _, v, _ in jobs), sum(v.nbytes for fd, v, _ in jobs if fd == self.direct_fd))
+            self._end(batch.nbytes, batch.direct_bytes)
         if batch.error is not None:
             raise batch.error
-        return sum(v.nbytes for _, v, _ in jobs)
+        return batch.nbytes
 
     def _chunks(self, view: memoryview, base: int, offset: int, nbytes: int, pos: int):
         """(fd, destination view, file offset) pieces: O_DIRECT for the block-aligned interior of
@@ -145,14 +167,16 @@ class ExpertLoader:
     # ---- workers ----------------------------------------------------------------------------
     def _work(self) -> None:
         while True:
-            item = self._jobs.get()
+            _, _, item = self._jobs.get()
             if item is None:
                 return
             self._run(*item)
 
     def _run(self, batch: _Batch, fd: int, into: memoryview, offset: int) -> None:
         error = None
-        if batch.error is None:  # a failed batch skips its remaining chunks
+        if batch.cancel is not None and batch.cancel.is_set() and batch.error is None:
+            error = ReadCancelled("background read cancelled")
+        elif batch.error is None:  # a failed batch skips its remaining chunks
             try:
                 self._pread(fd, into, offset)
             except (OSError, ModelFileError) as exc:
@@ -160,6 +184,9 @@ class ExpertLoader:
         with self._lock:
             if error is not None and batch.error is None:
                 batch.error = error
+            elif error is None and batch.error is None:
+                batch.nbytes += into.nbytes
+                batch.direct_bytes += into.nbytes if fd == self.direct_fd else 0
             batch.left -= 1
             if batch.left == 0:
                 batch.done.set()
@@ -197,7 +224,7 @@ class ExpertLoader:
 
     def close(self) -> None:
         for _ in self._threads:
-            self._jobs.put(None)
+            self._jobs.put((2, next(self._order), None))
         for t in self._threads:
             t.join(timeout=5)
         self._threads = []

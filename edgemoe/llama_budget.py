@@ -312,6 +312,8 @@ class BudgetedLlama:
         this returns; the previous layer's are done, so they are released."""
         self._finish_layer()
         keys = sorted({(layer, e) for row in ids for e in row})
+        if self.prefetcher is not None:  # a wrong guess for this layer must not hold up its demand reads
+            self.cache.cancel_prefetches(layer, set(keys))
         fit, rest = self._split(keys)
         if fit:
             self.cache.acquire_many(fit)
