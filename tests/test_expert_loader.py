@@ -101,3 +101,25 @@ def test_expert_spec_ranges_match_the_file():
                 assert buf[pos:pos + p.nbytes].tobytes() == raw[p.offset:p.offset + p.nbytes]
     finally:
         loader.close()
+
+
+def test_cancelled_background_read_skips_its_chunks(data_file):
+    import threading
+
+    from edgemoe.expert_loader import ReadCancelled
+
+    path, data = data_file
+    loader = ExpertLoader(path, threads=2, chunk_bytes=BLOCK_BYTES)
+    try:
+        cancel = threading.Event()
+        cancel.set()
+        before = loader.stats().bytes_read
+        with loader.background(cancel), pytest.raises(ReadCancelled):
+            loader.read_into([(0, 64 * BLOCK_BYTES, 0)], bytearray(64 * BLOCK_BYTES))
+        assert loader.stats().bytes_read == before, "no chunk of a cancelled read was read"
+        with loader.background(threading.Event()):  # not cancelled: a normal read, behind demand chunks
+            buf = bytearray(8 * BLOCK_BYTES)
+            assert loader.read_into([(BLOCK_BYTES, len(buf), 0)], buf) == len(buf)
+        assert bytes(buf) == data[BLOCK_BYTES:9 * BLOCK_BYTES]
+    finally:
+        loader.close()
