@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--backend", choices=["edgemoe", "llama"], default="edgemoe",
                    help="edgemoe: our engine with the budgeted expert cache (default); "
-                        "llama: stock llama.cpp through llama-cpp-python")
+                        "llama: llama.cpp through llama-cpp-python, stock, or with --budget/--max-memory our expert "
+                        "cache deciding which experts are resident (--policy, --prefetch, --predictor apply)")
     _engine_options(g)
     g.add_argument("--predictor", default=None, metavar="NAME|FILE.onnx",
                    help="prefetch with this predictor (implies --prefetch): router (next-layer router speculation; "
@@ -97,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("model", type=Path, nargs="?", default=None, help=".gguf file (default: the demo model)")
     ch.add_argument("--backend", choices=["edgemoe", "llama"], default="edgemoe",
                     help="edgemoe: our engine with the budgeted expert cache (default); "
-                         "llama: stock llama.cpp (statistics: speed, routing heat, peak RSS)")
+                         "llama: stock llama.cpp (statistics: speed, routing heat, peak RSS), or with "
+                         "--budget/--max-memory llama.cpp computing under our expert cache (all statistics)")
     ch.add_argument("--temperature", type=float, default=0.7, help="sampling temperature, 0 = greedy (default 0.7)")
     ch.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
     ch.add_argument("-n", "--max-tokens", type=int, default=128, help="tokens per reply (default 128)")
@@ -321,6 +323,12 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="lru", help="eviction policy: lru, lfu, hybrid, random, belady (default lru)")
     p.add_argument("--trace", type=Path, default=None, help="routing trace giving Belady's future accesses")
     p.add_argument("--prefetch", action="store_true", help="prefetch the next layer's predicted experts")
+    p.add_argument("--max-memory", default=None, metavar="CAP",
+                   help="the memory this process may use (e.g. 3GiB): the expert budget is the largest that fits, by "
+                        "tune's memory plan (runtime + dense + budget + KV + slack); instead of --budget")
+    p.add_argument("--gpu-layers", type=int, default=0, metavar="N",
+                   help="--backend llama on a GPU build of llama.cpp: N dense layers on the GPU, experts kept in RAM "
+                        "under the expert budget (needs --budget or --max-memory)")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
     p.add_argument("--ctx", type=int, default=512, help="context length in tokens (default 512)")
     p.add_argument("--kv-type", default="f16", choices=("f16", "f32", "q8_0"),

@@ -49,6 +49,8 @@ def engine_config(args: argparse.Namespace, path) -> "EngineConfig":
     budget = None
     if args.budget:
         budget = parse_budget(args.budget, lambda: expert_bytes_total(path))
+    if getattr(args, "max_memory", None):
+        budget = budget_under_cap(args, path, args.max_memory)
     future = None
     if args.policy == "belady":
         if args.trace is None:
@@ -63,6 +65,22 @@ def engine_config(args: argparse.Namespace, path) -> "EngineConfig":
                         dual_load_above=getattr(args, "dual_load_above", 0.5),
                         dual_background_load=getattr(args, "dual_background_load", False),
                         predictor=predictor or "router", predictor_path=predictor_path)
+
+
+def budget_under_cap(args: argparse.Namespace, path, cap: str) -> int:
+    """--max-memory CAP -> the largest expert budget that fits (edgemoe/memory_cap.py), said on stderr."""
+    import sys
+
+    from edgemoe.memory import parse_bytes
+    from edgemoe.memory_cap import budget_for_cap
+
+    if args.budget:
+        raise InputError("give --budget or --max-memory, not both (--max-memory picks the budget)")
+    cap_bytes = parse_bytes(cap)
+    budget, plan = budget_for_cap(path, cap_bytes, getattr(args, "backend", "edgemoe"), args.ctx)
+    print(f"[--max-memory {cap_bytes / 2**20:.0f} MiB: expert budget {budget / 2**20:.0f} MiB; "
+          f"{plan.explain(budget)}]", file=sys.stderr)
+    return budget
 
 
 def predictor_choice(value) -> tuple[str | None, str | None]:

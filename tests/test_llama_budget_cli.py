@@ -1,0 +1,84 @@
+"""The budgeted llama mode from the outside: `generate --backend llama --budget/--max-memory`,
+the chat backend's live budget and policy, and one-line errors."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from edgemoe.demo import demo_gguf
+from edgemoe.engine import EngineConfig
+from edgemoe.expert_store import stock_experts
+from edgemoe.gguf_file import GGUFFile
+from edgemoe.llama_backend import open_llama, stream_generate
+from edgemoe.memory_cap import budget_for_cap
+from edgemoe.tui import Sampling, open_backend
+
+PROMPT = "The os module provides"
+
+
+def _cli(*argv):
+    return subprocess.run([sys.executable, "-m", "edgemoe.cli", *argv], capture_output=True, text=True)
+
+
+def test_generate_budgeted_llama_prints_the_same_text_as_stock():
+    stock = _cli("generate", "--backend", "llama", "-n", "16", "-p", PROMPT)
+    budgeted = _cli("generate", "--backend", "llama", "-n", "16", "-p", PROMPT, "--budget", "30%", "--prefetch",
+                    "--policy", "lfu", "--stats")
+    assert stock.returncode == 0 and budgeted.returncode == 0, budgeted.stderr
+    assert budgeted.stdout == stock.stdout
+    assert "backend llama + edgemoe cache" in budgeted.stderr and "hits" in budgeted.stderr
+    assert "expert reads" in budgeted.stderr and "GB/s" in budgeted.stderr
+
+
+def test_max_memory_picks_the_largest_budget_that_fits():
+    path = demo_gguf()
+    total = sum(s.nbytes for s in stock_experts(GGUFFile(path)).values())
+    budget, plan = budget_for_cap(path, 10 * 2**30, "llama", 512)
+    assert budget >= total, "a cap far above the model gives every expert"
+    cap = plan.need_bytes(total // 2)
+    budget, _ = budget_for_cap(path, cap, "llama", 512)
+    assert abs(budget - total // 2) <= 2**20
+    done = _cli("generate", "--backend", "llama", "-n", "4", "--max-memory", "1GiB", "--budget", "50%")
+    assert done.returncode == 2 and "not both" in done.stderr
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--backend", "llama", "--budget", "100KB"], "below one layer's 2 chosen experts"),
+    (["--backend", "llama", "--max-memory", "100MiB"], "too small"),
+    (["--backend", "llama", "--budget", "50%", "--dual-low", "q2_k"], "--dual-low needs --backend edgemoe"),
+    (["--gpu-layers", "4"], "--gpu-layers is for --backend llama"),
+])
+def test_errors_are_one_line(argv, needle):
+    done = _cli("generate", "-n", "4", *argv)
+    assert done.returncode == 2, done.stderr
+    assert needle in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) <= 2
+
+
+def test_chat_backend_controls_the_cache_live():
+    path = demo_gguf()
+    llm = open_llama(path, n_ctx=512)
+    expected = "".join(e.text for e in stream_generate(llm, PROMPT, 20))
+    llm.close()
+    total = sum(s.nbytes for s in stock_experts(GGUFFile(path)).values())
+    chat = open_backend(path, "llama", EngineConfig(budget_bytes=total // 2, n_ctx=512, prefetch=True))
+    try:
+        assert chat.controls_cache and chat.prefetch and chat.residency().budget_bytes == total // 2
+        ids = chat.llm.tokenize(PROMPT.encode(), add_bos=True, special=False)
+        events = list(chat.stream(ids, Sampling(0.0, 1.0, 20)))
+        assert "".join(e.text for e in events) == expected
+        assert sum(e.cache.misses for e in events) > 0
+        smaller = chat.set_budget(total // 3)
+        assert smaller.budget_bytes == total // 3 and smaller.resident_bytes <= total // 3
+        chat.set_policy("lfu")
+        with pytest.raises(ValueError, match="cannot be switched to live"):
+            chat.set_policy("belady")
+        with pytest.raises(ValueError, match="below one layer's"):
+            chat.set_budget(1024)
+        chat.llm.reset()
+        again = list(chat.stream(ids, Sampling(0.0, 1.0, 20)))
+        assert "".join(e.text for e in again) == expected
+    finally:
+        chat.close()
