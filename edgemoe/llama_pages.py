@@ -11,7 +11,10 @@ import ctypes
 import ctypes.util
 import mmap
 import os
+import sys
 from dataclasses import dataclass
+
+from edgemoe.errors import EdgemoeError
 
 PAGE = mmap.PAGESIZE
 
@@ -23,7 +26,7 @@ MADV_RANDOM, MADV_DONTNEED, MADV_POPULATE_READ, MADV_POPULATE_WRITE = 1, 4, 22, 
 MAP_FAILED = ctypes.c_void_p(-1).value
 
 
-class PagesUnsupported(RuntimeError):
+class PagesUnsupported(EdgemoeError, RuntimeError):
     """This system lacks a call the budgeted llama.cpp mode needs."""
 
 
@@ -131,6 +134,9 @@ def resident_pages(addr: int, size: int) -> bytearray:
 
 def probe_dontunmap() -> None:
     """Raise PagesUnsupported unless mremap(MREMAP_DONTUNMAP) works here (Linux >= 5.7)."""
+    if not sys.platform.startswith("linux"):
+        raise PagesUnsupported(f"the budgeted llama mode moves pages with Linux's mremap; {sys.platform} has none: "
+                               "run without --budget, or use --backend edgemoe")
     a = map_anonymous(PAGE)
     b = map_anonymous(PAGE, populate=False)
     try:
