@@ -150,6 +150,22 @@ class SlotPool:
         self.sizes, self.free, self.bytes = {}, {}, 0
 
 
+def read_exactly(path: str, runs: list[tuple[int, int]], chunk_bytes: int = 8 * 2**20) -> None:
+    """Bring exactly `runs` into the page cache: buffered reads through a descriptor marked
+    POSIX_FADV_RANDOM (no readahead past a run's end into expert pages). POSIX_FADV_WILLNEED
+    stopped after 128 MiB here, and faulting a random-access mapping in reads page by page
+    (515 MiB of dense pages: 79 s that way, 0.43 s this way)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        scratch = memoryview(bytearray(chunk_bytes))
+        for o, n in runs:
+            for c in range(o, o + n, chunk_bytes):
+                os.preadv(fd, [scratch[:min(chunk_bytes, o + n - c)]], c)
+    finally:
+        os.close(fd)
+
+
 class MappedExpert:
     """A resident expert: its slot's pages sit in llama.cpp's mapping until `close()`."""
 
@@ -192,11 +208,12 @@ class MappedExperts:
         for m in others:
             advise(m.start, m.size, MADV_DONTNEED)
         drop_file_pages(self.fd, 0, os.fstat(self.fd).st_size)
-        for o, n in dense_runs:
-            lo, hi = max(o, self.mapping.offset), min(o + n, self.mapping.offset + self.mapping.size)
-            if lo < hi:
-                os.posix_fadvise(self.fd, lo, hi - lo, os.POSIX_FADV_WILLNEED)
-                populate(self.addr(lo), hi - lo)
+        inside = [(lo, hi - lo) for lo, hi in ((max(o, self.mapping.offset), min(o + n, self.mapping.offset
+                                                                               + self.mapping.size))
+                                               for o, n in dense_runs) if lo < hi]
+        read_exactly(self.path, inside)
+        for o, n in inside:
+            populate(self.addr(o), n)
 
     # ---- residency ----------------------------------------------------------------------
     def place(self, keys: list[Key]) -> list[MappedExpert]:
