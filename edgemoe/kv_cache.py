@@ -48,7 +48,6 @@ class KVCache:
         if v_row is not None:
             shapes.update({f"v{i}": (t, (v_row, n_ctx)) for i in range(n_layers)})
         self.store = Buffer(backend, shapes)
-        self.nbytes = sum(ops.nbytes(ty, ne + (1, 1)) for ty, ne in shapes.values())
         # per-step inputs shared by every layer's graph; the mask is [T, n_kv] f16, packed from the start
         self.steps = Buffer(backend, {"pos": (ops.I32, (self.n_batch,)), "rows": (ops.I64, (self.n_batch,)),
                                       "mask": (ops.F16, (n_ctx * self.n_batch,))})
@@ -56,6 +55,7 @@ class KVCache:
         self._mask_row = np.zeros(n_ctx, dtype=np.float16)
         self.graphs: dict[tuple, tuple] = {}  # decode graphs bound to this cache: key -> (graph, outputs)
         self.lib = ops.lib()
+        self.nbytes = self.store.nbytes + self.steps.nbytes  # K/V, and the step inputs (the mask: n_ctx x n_batch)
         self.start, self.n_tokens, self.n_kv = 0, 0, 0
 
     def k(self, layer: int) -> Tensor:
@@ -88,6 +88,9 @@ class KVCache:
             mask[np.arange(n_kv)[None, :] <= pos[:, None]] = 0.0
         for name, array in (("pos", pos), ("rows", rows), ("mask", mask)):
             self.lib.ggml_backend_tensor_set(self.steps[name].ptr, array.ctypes.data, 0, array.nbytes)
+        if n_kv != self.n_kv:  # decode graphs of another bucket are rebuilt when it comes back: keep one bucket's
+            for key in [key for key in self.graphs if key[1] != n_kv]:
+                self.graphs.pop(key)[0].close()
         self.start, self.n_tokens, self.n_kv = start, n_tokens, n_kv
 
     # ---- views a graph reads (built into graph `g` for the current step's shape) -------------

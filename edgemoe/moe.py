@@ -24,6 +24,7 @@ from edgemoe.native.ops import Tensor
 
 # the router weights' sum is clamped at f16's smallest normal before renormalising (llama.cpp)
 _MIN_WEIGHT_SUM = 6.103515625e-5
+_MAX_DECODE_GRAPHS = 16  # per layer: decode expert graphs kept (one per arena mix seen)
 
 
 @dataclass(frozen=True)
@@ -78,12 +79,15 @@ class _Pairs:
         self.tok, self.frames = g.input(ops.I32, (n,)), g.input(ops.I32, (1, n))
         self.weights, self.rows = g.input(ops.F32, (1, 1, n)), g.input(ops.I64, (n,))
         self._arrays = [g.bind(t) for t in (self.rows, self.tok, self.frames, self.weights)]
+        self._rows: list[int] = []
 
-    def set(self, rows, k: int, frames, weights) -> None:
+    def set(self, rows: list[int], k: int, frames: list[int], weights) -> None:
         """rows: the pairs' positions p = t * k + slot (ascending), their experts' frames and weights."""
         r, tok, f, w = self._arrays
-        r[:] = rows
-        np.floor_divide(r, k, out=tok, casting="unsafe")
+        if rows != self._rows:  # a decode step's pairs are the same positions every time
+            r[:] = rows
+            np.floor_divide(r, k, out=tok, casting="unsafe")
+            self._rows = rows
         f[:] = frames
         w[:] = weights
 
@@ -170,7 +174,7 @@ class MoEBlock:
         key = (n_tokens, combine, tuple((a.index, len(p)) for a, p, _ in active))
         graph, inputs = self._graph(acts, key, n_tokens, k, [(a, len(p)) for a, p, _ in active], combine)
         for (_, positions, frames), pair_inputs in zip(active, inputs):
-            pair_inputs.set(positions, k, frames, w[positions])
+            pair_inputs.set(positions, k, frames, w if len(positions) == len(w) else w[positions])
         graph.compute()
         if n_tokens > 1:
             graph.close()
@@ -195,6 +199,8 @@ class MoEBlock:
             g.expand(y)
         entry = (g, pairs)
         if reuse:
+            if len(self._graphs) >= _MAX_DECODE_GRAPHS:  # many arena mixes (mixed precision, dual): keep the newest
+                self._graphs.pop(next(iter(self._graphs)))[0].close()
             self._graphs[key] = entry
         return entry
 

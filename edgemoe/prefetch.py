@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 from edgemoe.expert_cache import ExpertCache
 from edgemoe.moe import MoEBlock
@@ -64,6 +65,17 @@ class Prefetcher:
             except Exception as exc:  # a predictor failure must never stop generation: stop prefetching
                 self.error = exc
                 self._stop.set()
+            finally:
+                self.queue.task_done()
+
+    def drain(self, timeout_s: float = 10.0) -> None:
+        """Wait until every routing handed over so far is handled (its prefetches done), while the
+        thread runs and for at most timeout_s: tests."""
+        deadline = time.monotonic() + timeout_s
+        done = self.queue.all_tasks_done
+        with done:
+            while self.queue.unfinished_tasks and not self._stop.is_set() and time.monotonic() < deadline:
+                done.wait(0.05)
 
     def _handle(self, gen: int, index: int, ids: list[list[int]], x_last) -> None:
         for key in self.predict_keys(index, ids, x_last, stale=gen < self.generation - 1):

@@ -63,6 +63,8 @@ class FailingReads:
 
 
 def assert_cache_idle(engine: Engine) -> None:
+    if engine.prefetcher is not None:
+        engine.prefetcher.drain()  # prefetches for the next token may still be loading after a reply
     cache = engine.cache
     assert not cache.loading and not cache.state.pins and cache.in_flight_bytes == 0
     assert cache.resident_bytes <= cache.budget_bytes

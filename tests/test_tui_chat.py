@@ -101,7 +101,12 @@ async def test_cancel_mid_generation_then_continue(backend, oracle):
 
 
 async def test_change_budget_and_policy_while_running(backend, monkeypatch):
+    import time
+
     total = backend.expert_bytes_total
+    model, forward = backend.engine.model, backend.engine.model.forward
+    # 10 ms per token: the demo decodes ~1500 tok/s, a 32-token reply would end before the key press lands
+    monkeypatch.setattr(model, "forward", lambda *a, **k: (time.sleep(0.01), forward(*a, **k))[1])
     app = create_app(backend, Sampling(0.0, 1.0, 32))
     shown = record_notifications(app, monkeypatch)
     async with app.run_test(size=SIZE) as pilot:

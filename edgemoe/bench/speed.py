@@ -52,6 +52,9 @@ def bench_engine(path: Path, prompt_ids: list[int], n_tokens: int, config: Engin
     reset_peak_rss()  # peak RSS per run, not the process's (llama.cpp ran in it first)
     engine = Engine(path, config)
     try:
+        if config.budget_bytes is None:  # full budget: every expert loaded untimed, as llama.cpp loads its weights
+            for key in engine.specs:
+                engine.cache.prefetch(key)
         with torch.no_grad():
             # prefill timed warm: the experts the prompt routes to are loaded by a first pass, as
             # llama.cpp reads its weights when it loads the model (untimed)
