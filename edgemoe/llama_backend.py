@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from edgemoe.errors import InputError
 from edgemoe.events import CacheStats, StepEvent
 from edgemoe.gguf_file import GGUFFile, ModelFileError
 from edgemoe.memory import peak_rss_bytes
@@ -145,7 +146,7 @@ def stream_generate(llm, prompt: str | list[int], max_tokens: int, temperature: 
     `llm.reset()` first to prefill it whole); `kv_reused_tokens` says how many it kept."""
     ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False) if isinstance(prompt, str) else list(prompt)
     if len(ids) + max_tokens > llm.n_ctx():
-        raise ValueError(f"prompt ({len(ids)} tokens) + {max_tokens} new tokens exceed the context "
+        raise InputError(f"prompt ({len(ids)} tokens) + {max_tokens} new tokens exceed the context "
                          f"of {llm.n_ctx()}; raise --ctx or shorten the prompt")
     if seed is not None:
         llm.set_seed(seed)  # generate builds its sampler from this seed
