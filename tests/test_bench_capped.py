@@ -175,8 +175,8 @@ def test_bound_arithmetic():
         bound_tokens_per_s(MIB, 0.0, 0.1)
 
 
-def _result(name: str, status: str, decode_s: float = 1.0, read: int = 0) -> CappedResult:
-    m = RunMeasure(8, 10, 0, 0.1, 1.0, decode_s, 0, 0, read) if status == "ok" else None
+def _result(name: str, status: str, decode_s: float = 1.0, read: int = 0, tokens=(1, 2, 3)) -> CappedResult:
+    m = RunMeasure(8, 10, 0, 0.1, 1.0, decode_s, 0, 0, read, tokens=list(tokens)) if status == "ok" else None
     return CappedResult(name, name, status, measure=m)
 
 
@@ -184,13 +184,16 @@ def test_ratio_is_against_the_best_plain_llama_that_ran():
     ref = _result("reference", "ok", decode_s=0.5)  # 20 tok/s warm: 50 ms compute per token
     report = ModelReport("m", 1, 2e9, "O_DIRECT", "v1 x", reference=ref)
     report.results = [_result("llama", "oom-killed"), _result("llama-norepack", "ok", decode_s=10.0),
-                      _result("llama-lazy", "ok", decode_s=5.0), _result("edgemoe", "ok", decode_s=2.0, read=10 * 10**9)]
+                      _result("llama-lazy", "ok", decode_s=5.0),
+                      _result("edgemoe", "ok", decode_s=2.0, read=10 * 10**9, tokens=(1, 2, 4))]
     assert report.best_plain_llama().name == "llama-lazy"
     assert report.ratio(report.results[3]) == pytest.approx(2.5)   # 5 vs 2 tok/s
     assert report.ratio(report.results[0]) is None                  # a killed run has no speed
     assert report.compute_s_per_token == pytest.approx(0.05)
     # 1 GB per token at 2 GB/s + 50 ms
     assert report.bound_tps(report.results[3]) == pytest.approx(1 / 0.55)
+    assert report.same_tokens(report.results[2]) is True and report.same_tokens(report.results[3]) is False
+    assert report.same_tokens(report.results[1]) is None  # the reference itself
 
 
 def test_capped_bench_end_to_end_on_the_demo(tmp_path):
@@ -210,13 +213,14 @@ def test_capped_bench_end_to_end_on_the_demo(tmp_path):
     assert ref["status"] == "ok" and report["compute_s_per_token"] > 0
     assert ref["measure"]["start_resident_bytes"] == model.stat().st_size  # warm: every page cached
     names = [r["name"] for r in report["results"]]
-    assert names == list(RUN_NAMES)  # plain llama.cpp x3, the engine, the budgeted llama.cpp mode where installed
+    assert names == list(RUN_NAMES)  # plain llama.cpp x3, the engine, the budgeted llama.cpp mode
     for r in report["results"]:
         assert r["status"] == "ok", r
         assert r["cold_resident_bytes"] == r["measure"]["start_resident_bytes"] == 0, r  # mincore: none cached
         assert 0 < r["usage"]["peak_bytes"] <= 2 * 2**30 and r["usage"]["oom_kills"] == 0
         assert r["measure"]["decode_tokens"] == 3 and r["decode_tps"] > 0 and r["bound_tps"] > 0
     assert max(r["ratio_vs_best_llama"] for r in report["results"][:3]) == pytest.approx(1.0)
+    assert report["results"][4]["same_tokens_as_llama"] is True  # llama.cpp's kernels under our cache: exact
     for managed in report["results"][3:]:
         m = managed["measure"]
         assert managed["budget_bytes"] > 0 and m["hits"] + m["misses"] > 0, managed

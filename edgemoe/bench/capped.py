@@ -13,12 +13,12 @@ the disk's parallel bandwidth and nothing else cost time (docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -32,9 +32,7 @@ PROBE_STREAMS, PROBE_BLOCK_BYTES, PROBE_MAX_S = 4, 8 * 2**20, 3.0
 PLAIN_LLAMA = {"llama": dict(repack=True, lazy=False, label="llama.cpp defaults (CPU repack)"),
                "llama-norepack": dict(repack=False, lazy=False, label="llama.cpp mmap, no repack"),
                "llama-lazy": dict(repack=False, lazy=True, label="llama.cpp mmap, no repack, lazy")}
-MANAGED = {"edgemoe": "edgemoe engine"}
-if importlib.util.find_spec("edgemoe.llama_budget") is not None:  # the budgeted llama.cpp mode, where installed
-    MANAGED["llama-budget"] = "llama.cpp + edgemoe cache"
+MANAGED = {"edgemoe": "edgemoe engine", "llama-budget": "llama.cpp + edgemoe cache"}  # the latter: llama_budget.py
 RUN_NAMES = (*PLAIN_LLAMA, *MANAGED)
 
 
@@ -61,7 +59,7 @@ class CappedResult:
     status: str                 # "ok", "oom-killed", "failed", "timed out"
     detail: str = ""            # stderr tail of a failed run
     budget_bytes: int | None = None
-    cold_resident_bytes: int = 0  # bytes of the file in the page cache when the child started
+    cold_resident_bytes: int = 0  # bytes of the file still in the page cache after the drop
     usage: CgroupUsage | None = None
     measure: RunMeasure | None = None
 
@@ -105,6 +103,15 @@ class ModelReport:
     def best_plain_llama(self) -> CappedResult | None:
         done = [r for r in self.results if r.name in PLAIN_LLAMA and r.status == "ok"]
         return max(done, key=lambda r: r.decode_tps, default=None)
+
+    def same_tokens(self, r: CappedResult) -> bool | None:
+        """Did the run generate the greedy tokens of plain llama.cpp without repack (the kernels the
+        budgeted mode runs; the repacked ones may round differently), else of the defaults?"""
+        done = {x.name: x for x in self.results if x.name in PLAIN_LLAMA and x.status == "ok"}
+        ref = next((done[n] for n in ("llama-norepack", "llama-lazy", "llama") if n in done), None)
+        if ref is None or r.status != "ok" or r is ref:
+            return None
+        return r.measure.tokens == ref.measure.tokens
 
     def ratio(self, r: CappedResult) -> float | None:
         best = self.best_plain_llama()
@@ -174,7 +181,7 @@ def configurations(model: Path, opts: CappedOptions) -> list[RunSpec]:
 
 def run_one(name: str, spec: RunSpec, cap_bytes: int | None, opts: CappedOptions) -> CappedResult:
     """A fresh child in its own cgroup, the file's pages dropped first (unless the run warms them)."""
-    cold = 0 if spec.warm else drop_file_cache(spec.model)
+    cold = 0 if spec.warm else _drop(spec.model)
     group = MemoryCgroup.create(f"edgemoe-bench-{os.getpid()}-{name}", cap_bytes, opts.cgroup_root)
     argv = group.wrap([sys.executable, "-m", "edgemoe.bench.capped_run", json.dumps(asdict(spec))])
     base = CappedResult(spec.label, name, "failed", budget_bytes=spec.budget_bytes, cold_resident_bytes=cold)
@@ -196,6 +203,15 @@ def run_one(name: str, spec: RunSpec, cap_bytes: int | None, opts: CappedOptions
     if usage.oom_kills > 0:
         return replace(base, status="oom-killed", usage=usage, detail=tail)
     return replace(base, usage=usage, detail=f"exit code {done.returncode}: {tail}")
+
+
+def _drop(path: str, wait_s: float = 3.0) -> int:
+    """Drop the file's cached pages; retried for a moment while some remain (a killed run's
+    mapping may still be torn down); returns what is left, which the run then reports."""
+    deadline = time.monotonic() + wait_s
+    while (left := drop_file_cache(path)) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    return left
 
 
 def _parse(stdout: str) -> RunMeasure:

@@ -40,7 +40,7 @@ def result_line(report: ModelReport, r: CappedResult) -> str:
 
 def results_table(report: ModelReport) -> Table:
     table = Table("run", "status", "budget MiB", "cold start", "prefill tok/s", "decode tok/s", "vs best llama.cpp",
-                  "peak cgroup MiB", "peak RSS MiB", "OOM kills", "MiB read/tok", "loader MiB/tok", "loader GB/s", "bound tok/s", "of bound",
+                  "peak cgroup MiB", "peak RSS MiB", "OOM kills", "MiB read/tok", "loader MiB/tok", "loader GB/s", "hit %", "same tokens", "bound tok/s", "of bound",
                   title=report.model.rsplit("/", 1)[-1])
     for r in report.results:
         ok = r.status == "ok"
@@ -54,6 +54,9 @@ def results_table(report: ModelReport) -> Table:
                       f"{r.read_bytes_per_token / MIB:.1f}" if ok else "",
                       f"{r.measure.loader_bytes / max(r.measure.decode_tokens, 1) / MIB:.1f}" if ok and r.loader_bps else "",
                       f"{r.loader_bps / 1e9:.2f}" if ok and r.loader_bps else "",
+                      f"{100 * r.measure.hits / (r.measure.hits + r.measure.misses):.0f}"
+                      if ok and r.measure.hits + r.measure.misses else "",
+                      {True: "yes", False: "no", None: ""}[report.same_tokens(r)],
                       "" if bound is None else f"{bound:.2f}",
                       "" if bound is None else f"{100 * r.decode_tps / bound:.0f}%")
     return table
@@ -73,7 +76,8 @@ def report_dict(report: ModelReport) -> dict:
             return None
         return {**asdict(r), "decode_tps": r.decode_tps, "prefill_tps": r.prefill_tps,
                 "read_bytes_per_token": r.read_bytes_per_token, "loader_bps": r.loader_bps,
-                "ratio_vs_best_llama": report.ratio(r), "bound_tps": report.bound_tps(r)}
+                "ratio_vs_best_llama": report.ratio(r), "bound_tps": report.bound_tps(r),
+                "same_tokens_as_llama": report.same_tokens(r)}
 
     best = report.best_plain_llama()
     return {"model": report.model, "file_bytes": report.file_bytes, "probe_bps": report.probe_bps,

@@ -11,7 +11,6 @@ and busy time come from its stats where the backend has one.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 import time
@@ -79,26 +78,6 @@ def warm_file(path: str, chunk_bytes: int = 64 * 2**20) -> None:
             pass
 
 
-@contextlib.contextmanager
-def llama_model_params(repack: bool, lazy: bool):
-    """Llama() builds its model params from llama_model_default_params(); hand it ours."""
-    from llama_cpp import llama_cpp as low_level
-
-    original = low_level.llama_model_default_params
-
-    def params():
-        p = original()
-        p.use_extra_bufts = repack
-        p.lazy_mode = low_level.LLAMA_LAZY_MODE_ON if lazy else low_level.LLAMA_LAZY_MODE_OFF
-        return p
-
-    low_level.llama_model_default_params = params
-    try:
-        yield
-    finally:
-        low_level.llama_model_default_params = original
-
-
 def run(spec: RunSpec) -> RunMeasure:
     if spec.backend not in BACKENDS:
         raise ValueError(f"unknown backend {spec.backend!r}; one of {', '.join(BACKENDS)}")
@@ -135,8 +114,11 @@ def _open(spec: RunSpec):
     if spec.backend == "llama":
         from edgemoe.llama_backend import open_llama
 
-        with llama_model_params(spec.repack, spec.lazy):
-            return open_llama(Path(spec.model), n_ctx=spec.n_ctx, n_threads=spec.n_threads)
+        from llama_cpp import llama_cpp as low
+
+        lazy = low.LLAMA_LAZY_MODE_ON if spec.lazy else low.LLAMA_LAZY_MODE_OFF
+        return open_llama(Path(spec.model), n_ctx=spec.n_ctx, n_threads=spec.n_threads,
+                          model_params=dict(use_extra_bufts=spec.repack, lazy_mode=lazy))
     if spec.backend == "llama-budget":
         from edgemoe.llama_budget import BudgetedConfig, BudgetedLlama
 

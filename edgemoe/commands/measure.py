@@ -85,7 +85,7 @@ def capped_bench_cmd(args: argparse.Namespace) -> int:
                          args.prompt_tokens * 4 + args.tokens + 8, runs, budget_bytes=budget,
                          policy=args.policy, prefetch=args.prefetch, reference=not args.no_reference,
                          cgroup_root=args.cgroup_root)
-    console = Console(width=240)  # 16 columns
+    console = Console(width=260)  # 18 columns
     reports = run_capped([Path(m) for m in models], opts,
                          on_model=lambda rep: console.print(model_header(rep, cap), highlight=False),
                          on_result=lambda rep, r: console.print(result_line(rep, r), highlight=False))
