@@ -93,11 +93,12 @@ class _Check:
 
 
 def check_model(m: GGUFFile) -> None:
-    """Raise ModelFileError unless every dense tensor the engine uses matches the file's
-    hyper-parameters (a no-op for architectures the engine does not run: it says so itself)."""
+    """Raise ModelFileError unless the engine runs the file's architecture and every dense tensor it
+    uses matches the file's hyper-parameters."""
     arch = m.arch
     if arch not in _ATTENTION:
-        return
+        raise ModelFileError(f"{m.path}: architecture {arch!r} is not one the edgemoe engine runs "
+                             f"({', '.join(sorted(_ATTENTION))}); run it with --backend llama")
     c = _Check(m)
     hidden, n_layers = c.int("embedding_length"), c.int("block_count")
     _vocab(c, hidden)

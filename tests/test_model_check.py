@@ -257,3 +257,14 @@ def test_a_layer_count_past_the_tensors_is_refused_at_once(tmp_path):
     with pytest.raises(ModelFileError, match=r"llama\.block_count = 998934001, but its tensors hold 3 layers"):
         GGUFFile(path)
     assert time.perf_counter() - start < 5
+
+
+def test_an_architecture_the_engine_does_not_run_is_named_with_the_file(tmp_path):
+    """general.architecture 'llama' -> 'xlama' (a fuzz case): the registry's error named no file."""
+    from gguf_edit import set_string
+
+    path = tmp_path / "arch.gguf"
+    shutil.copy(tiny_files.stock("mixtral", "q8_0", tmp_path), path)
+    set_string(path, "general.architecture", "xlama")
+    with pytest.raises(ModelFileError, match=rf"{path}: architecture 'xlama' is not one the edgemoe engine runs"):
+        check_model(GGUFFile(path))
