@@ -128,12 +128,12 @@ class ExpertCache:
         with self.cond:
             s.c.token_slots += n_slots
             if self.low is None:
-                s.touch(key)
+                s.touch(key, n_slots)
             elif key in self.low.exact:  # the low copy is the file's bytes: a hit that never loads
                 s.c.hits += 1
                 return self.low.experts[key], False
             else:
-                s.touch(key)
+                s.touch(key, n_slots)
                 if key not in s.resident and gate <= self.load_above:
                     s.c.misses += 1
                     s.c.low_served += 1
@@ -144,11 +144,13 @@ class ExpertCache:
         return self._acquire_touched(key), True
 
     def acquire_many(self, keys: list[Key], n_slots: list[int] | None = None) -> list[ResidentExpert]:
-        """`acquire` of each of `keys` (distinct) in order, with the misses' reads in flight
-        together (small experts need the queue depth); each returned expert is pinned until
-        `release`. The touches, hits and evictions are those of acquiring one by one. The keys
-        must fit the budget together (else BudgetError: nothing is pinned or loaded). n_slots:
-        token slots each key serves, counted as `acquire_for` counts them."""
+        """`acquire` of each of `keys` (distinct, one layer's step), with the misses' reads in
+        flight together (small experts need the queue depth); each returned expert is pinned until
+        `release`. All keys are touched first (with the token slots each serves, `n_slots`), then
+        every resident one is a hit and pinned before any miss makes room: routing chose them
+        together, so a miss must not evict an expert the same step is about to use
+        (edgemoe.simulate replays exactly this). The keys must fit the budget together (else
+        BudgetError: nothing is pinned or loaded)."""
         s = self.state
         need = sum(s.sizes[k] for k in keys)
         if need > s.budget_bytes:
@@ -158,8 +160,12 @@ class ExpertCache:
         t0 = 0.0
         with self.cond:
             s.c.token_slots += sum(n_slots or ())
+            for key, n in zip(keys, n_slots or [1] * len(keys)):
+                s.touch(key, n)
+            held = [key for key in keys if self._hit_if_resident(key)]
             for key in keys:
-                s.touch(key)
+                if key in held:
+                    continue
                 started = self._hit_or_begin(key)  # the rest are unpinned or prefetches in flight: room comes
                 if started is not None:
                     t0 = t0 or started
@@ -179,19 +185,26 @@ class ExpertCache:
                 s.c.stall_s += time.perf_counter() - t0
             return [self.experts[k] for k in keys]
 
-    def _hit_or_begin(self, key: Key) -> float | None:
-        """A touched demand access, under the lock: None for a hit (now pinned); for a miss, room
-        is made, the load is begun, and the time the miss began is returned."""
+    def _hit_if_resident(self, key: Key) -> bool:
+        """Under the lock: a touched key that is resident (or being prefetched) is a hit, pinned."""
         s = self.state
-        self.halted = False
         if key in self.loading:  # a prefetch is bringing it in: wait for it
             t0 = time.perf_counter()
             while key in self.loading:
                 self.cond.wait()
             s.c.stall_s += time.perf_counter() - t0
-        if key in s.resident:
-            s.hit(key)
-            s.pins[key] += 1
+        if key not in s.resident:
+            return False
+        s.hit(key)
+        s.pins[key] += 1
+        return True
+
+    def _hit_or_begin(self, key: Key) -> float | None:
+        """A touched demand access, under the lock: None for a hit (now pinned); for a miss, room
+        is made, the load is begun, and the time the miss began is returned."""
+        s = self.state
+        self.halted = False
+        if self._hit_if_resident(key):
             return None
         s.c.misses += 1
         t0 = time.perf_counter()
@@ -366,9 +379,7 @@ class ExpertCache:
 
     def set_policy(self, policy: Policy) -> None:
         with self.cond:
-            self.state.policy = policy
-            for key in self.state.resident:
-                policy.touch(key, self.state.clock)
+            self.state.policy = policy  # Residency binds it and tells it what is resident
 
     def step_stats(self) -> CacheStats:
         """Counters since the previous call, plus the current residency."""

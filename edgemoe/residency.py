@@ -30,7 +30,7 @@ class Counters:
 
 class Residency:
     def __init__(self, sizes: dict[Key, int], budget_bytes: int, policy: Policy):
-        self.sizes, self.policy = sizes, policy
+        self.sizes = sizes
         self.largest_bytes = max(sizes.values(), default=0)
         check_budget(budget_bytes, self.largest_bytes)
         self.budget_bytes = budget_bytes
@@ -43,14 +43,28 @@ class Residency:
         self.c = Counters()
         self.peak_bytes = 0
         self.evicted: list[Key] = []  # victims since the owner last drained this list
+        self.policy = policy
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: Policy) -> None:
+        """A new policy learns the sizes, the budget and what is resident already."""
+        self._policy = policy
+        policy.bind(self)
+        for key in sorted(self.resident):
+            policy.admit(key)
 
     def used(self) -> int:
         return self.resident_bytes + self.in_flight_bytes
 
-    def touch(self, key: Key) -> None:
-        """A demand access: advances the clock the policies (and Belady's future) index by."""
+    def touch(self, key: Key, slots: int = 1) -> None:
+        """A demand access by `slots` tokens: advances the clock the policies (and Belady's
+        future) index by."""
         self.clock += 1
-        self.policy.touch(key, self.clock)
+        self.policy.touch(key, self.clock, slots)
 
     def hit(self, key: Key) -> None:
         self.c.hits += 1
@@ -59,10 +73,9 @@ class Residency:
             self.c.prefetch_hits += 1
 
     def evict_one(self, exclude: set[Key]) -> bool:
-        candidates = [k for k in self.resident if self.pins[k] == 0 and k not in exclude]
-        if not candidates:
+        victim = self.policy.choose(self.resident, lambda k: self.pins[k] == 0 and k not in exclude, self.clock)
+        if victim is None:
             return False
-        victim = self.policy.victim(candidates, self.clock)
         self.resident.discard(victim)
         self.resident_bytes -= self.sizes[victim]
         self.policy.forget(victim)
@@ -89,6 +102,7 @@ class Residency:
         self.in_flight_bytes -= self.sizes[key]
         self.resident.add(key)
         self.resident_bytes += self.sizes[key]
+        self.policy.admit(key)
         self.c.bytes_read += nbytes_read
         self.peak_bytes = max(self.peak_bytes, self.used())
         if prefetched:

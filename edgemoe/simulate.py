@@ -2,6 +2,7 @@
 read per token, next to Belady's optimum and random eviction."""
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from edgemoe.policies import POLICIES, Key, make_policy
@@ -52,30 +53,44 @@ def simulate(trace: Trace, budget_bytes: int, policy: str, seed: int = 0, decode
                 state.begin_load(key)
                 state.finish_load(key, state.sizes[key], prefetched=True)
                 pf_bytes += state.sizes[key]
-            keys = [(layer, e) for e in sorted({e for tok in step[layer] for e in tok})]
-            # as MoEBlock: when a layer's experts fit the budget together they are pinned together
-            together = sum(state.sizes[k] for k in keys) <= budget_bytes
-            for key in keys:
-                state.touch(key)
-                if key in state.resident:
-                    hits += 1
-                    pf_used += state.sizes[key] if key in state.unused_prefetch else 0
-                    state.hit(key)
-                else:
-                    misses += 1
-                    state.make_room(state.sizes[key])
-                    state.begin_load(key)
-                    state.finish_load(key, state.sizes[key], prefetched=False)
-                    nbytes += state.sizes[key]
-                if together:
-                    state.pins[key] += 1
-            state.pins.clear()
+            h, m, used = layer_step(state, layer, Counter(e for tok in step[layer] for e in tok))
+            hits, misses, nbytes, pf_used = hits + h, misses + len(m), nbytes + sum(state.sizes[k] for k in m), pf_used + used
         if not decode_only or len(next(iter(step.values()), [])) == 1:
             for j, n in enumerate((hits, misses, nbytes + pf_bytes, pf_bytes, state.c.prefetch_hits - pf_hits0,
                                   pf_used)):
                 counted[j] += n
     tokens = sum(n for n in trace.tokens_per_step() if n == 1 or not decode_only)
     return SimResult(policy, budget_bytes, *counted[:3], tokens, *counted[3:])
+
+
+def layer_step(state: Residency, layer: int, slots: Counter) -> tuple[int, list[Key], int]:
+    """One layer's demand accesses, as the engine makes them: (hits, missed keys, bytes of unused
+    prefetches that were hit). slots: tokens routed to each expert. When the layer's experts fit
+    the budget together, MoEBlock acquires them together (`ExpertCache.acquire_many`: all touched,
+    the resident ones pinned as hits, then the misses make room); else one at a time, each
+    released before the next."""
+    keys = [(layer, e) for e in sorted(slots)]
+    together = sum(state.sizes[k] for k in keys) <= state.budget_bytes
+    if together:
+        for key in keys:
+            state.touch(key, slots[key[1]])
+    hits, missed, used = 0, [], 0
+    for key in sorted(keys, key=lambda k: k not in state.resident) if together else keys:
+        if not together:
+            state.touch(key, slots[key[1]])
+        if key in state.resident:
+            hits += 1
+            used += state.sizes[key] if key in state.unused_prefetch else 0
+            state.hit(key)
+        else:
+            missed.append(key)
+            state.make_room(state.sizes[key])
+            state.begin_load(key)
+            state.finish_load(key, state.sizes[key], prefetched=False)
+        if together:
+            state.pins[key] += 1
+    state.pins.clear()
+    return hits, missed, used
 
 
 def sweep(trace: Trace, budgets: list[int], policies: tuple[str, ...] = POLICIES) -> list[SimResult]:

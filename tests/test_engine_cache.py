@@ -43,7 +43,7 @@ def test_tokens_identical_at_every_budget_policy_and_prefetch(model_q8):
     ref_engine, ref = _run(model_q8, EngineConfig())
     ref_tokens = [e.token for e in ref]
     for share in (0.75, 0.5, 0.25):
-        for policy in ("lru", "lfu", "hybrid", "random"):
+        for policy in ("lru", "lfu", "hybrid", "random", "split"):
             for prefetch in (False, True):
                 budget = _budget(ref_engine, share)
                 engine, events = _run(model_q8, EngineConfig(budget_bytes=budget, policy=policy, prefetch=prefetch))
@@ -69,7 +69,7 @@ def test_simulator_replays_the_engine_exactly(model_q8, tmp_path):
     probe = Engine(model_q8)
     budget = _budget(probe, 0.4)
     probe.close()
-    for policy in ("lru", "lfu", "hybrid"):
+    for policy in ("lru", "lfu", "hybrid", "split"):
         engine = Engine(model_q8, EngineConfig(budget_bytes=budget, policy=policy))
         rec = TraceRecorder(engine)
         events = list(engine.stream_generate(PROMPT, max_tokens=20, stop_at_eos=False))
@@ -89,7 +89,7 @@ def test_belady_is_a_lower_bound_on_misses(model_q8):
     budget = _budget(engine, 0.3)
     engine.close()
     best = simulate(trace, budget, "belady").misses
-    for policy in ("lru", "lfu", "hybrid", "random"):
+    for policy in ("lru", "lfu", "hybrid", "random", "split"):
         assert simulate(trace, budget, policy).misses >= best
     # and the engine runs Belady for real with the same future
     eng = Engine(model_q8, EngineConfig(budget_bytes=budget, policy="belady", future=tuple(trace.demand_sequence())))

@@ -1,0 +1,125 @@
+"""Per-layer hit-rate curves of the expert cache, measured online, and the worth of each expert.
+
+Real routing is not alike across layers: early layers of Qwen3-30B-A3B spread over most of their
+128 experts, deeper ones concentrate on a few, and a just-used expert is chosen again by the next
+token far more often in some layers than in others. One global recency (or frequency) order
+gives each layer room in proportion to how many distinct experts it touched lately (or to raw
+counts), not to what the room buys there.
+
+Each layer ranks its own experts under several orderings: LRU, LRFU with half-lives of 1, 2, 4, ...
+64 tokens (a geometric grid from recency to frequency, not fitted to any trace) and LFU. When a
+layer's step routes, the rank each chosen expert had under each ordering just before the step is
+counted: with a share of c experts kept in that order, the access would have hit iff its rank
+was below c. The cumulative counts are the layer's hit-rate curve per ordering, for every share
+size at once (for LRU this is Mattson's stack distance). The layer orders its experts by the
+ordering whose curve is highest at the share it holds now, and each expert's worth is the slope
+of the concave hull of the layer's best curve at that expert's rank, per byte: the hits per token
+its slot buys. Evicting the expert of least worth across all layers is the greedy form of
+utility-based cache partitioning (Qureshi & Patt 2006): every layer's share follows its own curve,
+and `allocate` states that split. Counts weigh each expert by the tokens routed to it (a prompt's
+prefill counts each of its tokens). Nothing is fitted offline: the curves start empty and grow
+with every step.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+HALF_LIVES = (1, 2, 4, 8, 16, 32, 64)  # tokens; LRU and LFU are the two ends of the same family
+ORDERINGS = ("lru",) + tuple(f"lrfu{h}" for h in HALF_LIVES) + ("lfu",)
+
+
+class LayerCurves:
+    """One layer: recency, token counts, decayed counts, and rank histograms per ordering.
+
+    Accesses of a step are recorded with `access` (ranks taken on the state before the step) and
+    applied by `end_step`, so the experts one step chose together do not outrank each other."""
+
+    def __init__(self, n_experts: int):
+        self.n_experts = n_experts
+        self.last = np.full(n_experts, -1.0)         # [E] clock of the last access
+        self.count = np.zeros(n_experts)             # [E] token slots routed to each expert
+        self.decayed = {h: np.zeros(n_experts) for h in HALF_LIVES}  # [E] per half-life
+        self.at_rank = {o: np.zeros(n_experts) for o in ORDERINGS}   # [E] accesses at rank r
+        self.pending: list[tuple[int, int, int]] = []  # (expert, clock, slots) of this step
+        self.ordering = "lfu"
+        self.worth = np.zeros(n_experts)             # [E] hits per token of each expert's slot
+        self.slope = np.zeros(n_experts + 1)
+
+    def values(self, ordering: str) -> np.ndarray:
+        """[E] keep-value under `ordering` (higher = kept longer); ties by recency."""
+        tie = self.last * 1e-12
+        if ordering == "lru":
+            return self.last
+        if ordering == "lfu":
+            return self.count + tie
+        return self.decayed[int(ordering[4:])] + tie
+
+    def access(self, e: int, clock: int, slots: int = 1) -> None:
+        if self.last[e] >= 0:  # a first access hits at no share size
+            for o in ORDERINGS:
+                v = self.values(o)
+                self.at_rank[o][int(np.count_nonzero(v > v[e]))] += 1
+        self.pending.append((e, clock, slots))
+
+    def end_step(self, resident_experts: int) -> None:
+        if not self.pending:
+            return
+        chosen = np.zeros(self.n_experts)
+        for e, clock, slots in self.pending:
+            self.last[e] = clock
+            self.count[e] += slots
+            chosen[e] = 1.0
+        for h, d in self.decayed.items():
+            keep = 2.0 ** (-1.0 / h)
+            d *= keep
+            d += (1.0 - keep) * chosen
+        self.pending.clear()
+        self.replan(resident_experts)
+
+    def curve(self, ordering: str) -> np.ndarray:
+        """[E + 1] accesses so far that a share of c experts (c = 0..E) kept in `ordering` would
+        have hit."""
+        return np.concatenate(([0.0], np.cumsum(self.at_rank[ordering])))
+
+    def replan(self, resident_experts: int) -> None:
+        """Best ordering at the layer's current size, hull slopes of the best curve, and each
+        expert's worth (the slope at its rank)."""
+        curves = {o: self.curve(o) for o in ORDERINGS}
+        at = min(resident_experts, self.n_experts)
+        # the highest curve at this size; on a tie frequency, then the grid's order
+        self.ordering = max(ORDERINGS, key=lambda o: (curves[o][at], o == "lfu", -ORDERINGS.index(o)))
+        self.slope = hull_slopes(np.max(np.stack(list(curves.values())), axis=0))
+        v = self.values(self.ordering)
+        rank = np.empty(self.n_experts, np.int64)
+        rank[np.argsort(-v, kind="stable")] = np.arange(self.n_experts)
+        self.worth = self.slope[np.minimum(rank + 1, self.n_experts)]
+
+
+def hull_slopes(curve: np.ndarray) -> np.ndarray:
+    """[len(curve)] slope of the upper concave hull of `curve` on the step into each size
+    (index 0 unused): non-increasing, so a layer's deeper ranks are never worth more."""
+    hull: list[tuple[int, float]] = []
+    for c, h in enumerate(curve.tolist()):
+        while len(hull) >= 2 and ((hull[-1][1] - hull[-2][1]) * (c - hull[-2][0])
+                                  <= (h - hull[-2][1]) * (hull[-1][0] - hull[-2][0])):
+            hull.pop()
+        hull.append((c, h))
+    slopes = np.zeros(len(curve))
+    for (c0, h0), (c1, h1) in zip(hull, hull[1:]):
+        slopes[c0 + 1: c1 + 1] = (h1 - h0) / (c1 - c0)
+    return slopes
+
+
+def allocate(curves: dict[int, LayerCurves], slot_bytes: dict[int, int], budget_bytes: int) -> dict[int, int]:
+    """The split the curves ask for: experts per layer, the steepest hull steps per byte first,
+    sum of bytes <= budget_bytes. Budget no curve can use yet (flat curves) stays unassigned."""
+    steps = sorted((-c.slope[n] / slot_bytes[layer], layer, n) for layer, c in curves.items()
+                   for n in range(1, len(c.slope)) if c.slope[n] > 0)
+    experts = {layer: 0 for layer in curves}
+    left = budget_bytes
+    for _, layer, n in steps:  # a layer's slopes never rise, so its steps come in order
+        if slot_bytes[layer] > left:
+            break
+        experts[layer] = n
+        left -= slot_bytes[layer]
+    return experts
