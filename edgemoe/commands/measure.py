@@ -27,7 +27,9 @@ def bench_cmd(args: argparse.Namespace) -> int:
         if not args.no_slice:
             from edgemoe.models.mixtral_slice import write_mixtral_slice
             models.append(_slice(write_mixtral_slice, "mixtral", args.slice_layers or 2))
-    shares = [float(x) / 100 for x in args.budgets.split(",")]
+    from edgemoe.memory import parse_shares
+
+    shares = list(parse_shares(args.budgets))
     threads = args.threads or os.cpu_count() or 1
     prompt = _bench_prompt(args.prompt_tokens)
     console = Console(width=200)  # the table is wide; wrapping it at 80 columns makes it unreadable
