@@ -2,16 +2,21 @@
 memory range, seen by ggml as one 3-D tensor per matrix, [cols, rows, n_frames], so all chosen
 experts of a layer run in one ggml_mul_mat_id per matrix with frame indices as ids.
 
-An arena holds a frame for every expert of its layout (all layers): its address space is
-reserved (an anonymous mapping with MAP_NORESERVE) but memory is committed only in frames that
-were loaded. Frames of evicted experts go to a free list and keep their pages for the next load
-of the same layout (no page faults on a cache miss); the committed bytes of all arenas stay within
-`limit_bytes` (the expert budget): a load that needs a new frame first gives back the pages of
-free frames (madvise MADV_DONTNEED), so resident memory never exceeds what the cache's budget
-counts. A frame is `ExpertSpec.alloc_bytes` (page-rounded): what the budget counts per expert.
+Two kinds of memory hold frames:
+- mapped (any type): address space for a frame per expert of the layout (all layers) reserved
+  with MAP_NORESERVE, memory committed only in frames that were loaded; a miss is read straight
+  into its frame.
+- repacked (types ggml's CPU backend multiplies faster with 8 rows interleaved, as llama.cpp's
+  default CPU_REPACK buffers: edgemoe/native/repack.py): a ggml repack buffer of frames for the
+  budget, grown by another arena of the layout if the budget grows; a miss is read into a
+  staging buffer and repacked into its frame by ggml_backend_tensor_set.
+Frames of evicted experts go to a free list and keep their pages for the next load of the same
+layout (no page faults on a miss); the committed bytes of all arenas stay within `limit_bytes`
+(the expert budget): a load that needs a new frame first gives back the pages of free frames
+(MADV_DONTNEED), so resident memory never exceeds what the cache's budget counts. A frame is
+`ExpertSpec.alloc_bytes` (page-rounded): what the budget counts per expert.
 
-This is the CPU backend's arena (ggml_backend_cpu_buffer_from_ptr over our mapping). A device
-backend would need device buffers sized from the budget and a frame table; not built here.
+These are the CPU backend's arenas; a device backend would need device buffers and is not built.
 """
 from __future__ import annotations
 
@@ -22,8 +27,9 @@ import threading
 import numpy as np
 
 from edgemoe.expert_store import PAGE_BYTES, ExpertSpec, ResidentExpert
-from edgemoe.native.ops import Tensor
+from edgemoe.native import repack
 from edgemoe.native.buffers import HostTensors
+from edgemoe.native.ops import Tensor
 from edgemoe.policies import Key
 
 # reserve address space without committing memory (Python's mmap module names it from 3.12 on; the
@@ -39,44 +45,23 @@ def signature(spec: ExpertSpec) -> tuple:
                                     for p, pos in zip(spec.parts, positions)))
 
 
-class Arena:
-    """Frames of one layout; `tensors[role]` is the [cols, rows, n_frames] view of each part."""
+def repackable(spec: ExpertSpec) -> bool:
+    """Every matrix of the layout multiplies faster repacked."""
+    return all(repack.repacks(int(p.qtype), (p.cols, p.rows)) for p in spec.parts)
 
-    def __init__(self, index: int, spec: ExpertSpec, n_frames: int, what: str):
-        self.index, self.n_frames = index, n_frames
-        self.frame_bytes = spec.alloc_bytes
-        self.parts = spec.parts
-        _, self.positions = spec.layout()
-        self.roles = tuple(p.role for p in spec.parts)
-        size = n_frames * self.frame_bytes + PAGE_BYTES  # + a page: the typed bases' last partial block
+
+class _Mapped:
+    """Reserved anonymous memory; frames are plain bytes we read into."""
+    repacked = False
+
+    def __init__(self, size: int, max_tensors: int, what: str):
         self.memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
         self.array = np.frombuffer(self.memory, dtype=np.uint8)
-        self.host = HostTensors(self.array.ctypes.data, size, max_tensors=2 * len(spec.parts) + 1, what=what)
-        self.tensors: dict[str, Tensor] = {}
-        bases: dict[int, Tensor] = {}
-        for p, pos in zip(spec.parts, self.positions):
-            # a 1-D tensor of the part's type over the whole mapping, viewed with the frame stride
-            base = bases.get(int(p.qtype))
-            if base is None:
-                lib = self.host.lib
-                block, type_bytes = lib.ggml_blck_size(int(p.qtype)), lib.ggml_type_size(int(p.qtype))
-                base = bases[int(p.qtype)] = self.host.place(int(p.qtype), ((size // type_bytes) * block,), 0,
-                                                            name=f"arena{index}.{p.qtype.name}")
-            row = self.host.lib.ggml_row_size(int(p.qtype), p.cols)
-            self.tensors[p.role] = self.host.ops.view_3d(base, p.cols, p.rows, n_frames, row, self.frame_bytes, pos)
-        self.free: list[int] = []        # frames of evicted experts, pages still committed
-        self.released: list[int] = []    # frames never used or given back (no pages)
-        self.released.extend(range(n_frames - 1, -1, -1))
+        self.host = HostTensors(self.array.ctypes.data, size, max_tensors, what)
+        self.ops, self.lib, self.place = self.host.ops, self.host.lib, self.host.place
 
-    def frame(self, i: int) -> np.ndarray:
-        return self.array[i * self.frame_bytes:(i + 1) * self.frame_bytes]
-
-    def release_pages(self, i: int) -> None:
-        self.memory.madvise(mmap.MADV_DONTNEED, i * self.frame_bytes, self.frame_bytes)
-
-    @property
-    def low_rank(self) -> bool:
-        return "gate" not in self.roles
+    def release(self, offset: int, nbytes: int) -> None:
+        self.memory.madvise(mmap.MADV_DONTNEED, offset, nbytes)
 
     def close(self) -> None:
         self.host.close()
@@ -85,6 +70,60 @@ class Arena:
             self.memory.close()
         except BufferError:  # a frame view is still referenced somewhere: the mapping goes with it
             pass
+
+
+class Arena:
+    """Frames of one layout; `tensors[role]` is the [cols, rows, n_frames] view of each part."""
+
+    def __init__(self, index: int, spec: ExpertSpec, n_frames: int, what: str, repacked: bool = False):
+        self.index, self.n_frames = index, n_frames
+        self.frame_bytes, self.parts = spec.alloc_bytes, spec.parts
+        _, self.positions = spec.layout()
+        self.roles = tuple(p.role for p in spec.parts)
+        size = n_frames * self.frame_bytes + PAGE_BYTES  # + a page: the typed bases' last partial block
+        n_tensors = 2 * len(spec.parts) + 1 + (n_frames * len(spec.parts) if repacked else 0)
+        self.memory = repack.RepackBuffer(size, n_tensors, what) if repacked else _Mapped(size, n_tensors, what)
+        self.repacked = repacked
+        lib = self.memory.lib
+        self.tensors: dict[str, Tensor] = {}
+        bases: dict[int, Tensor] = {}
+        for p, pos in zip(spec.parts, self.positions):
+            # a 1-D tensor of the part's type over the whole memory, viewed with the frame stride
+            qtype = int(p.qtype)
+            if qtype not in bases:
+                block, type_bytes = lib.ggml_blck_size(qtype), lib.ggml_type_size(qtype)
+                bases[qtype] = self.memory.place(qtype, ((size // type_bytes) * block,), 0,
+                                                 name=f"arena{index}.{p.qtype.name}")
+            view = self.memory.ops.view_3d(bases[qtype], p.cols, p.rows, n_frames, lib.ggml_row_size(qtype, p.cols),
+                                           self.frame_bytes, pos)
+            if lib.ggml_backend_view_init(view.ptr) != 0:  # its buffer, so ggml picks the repacked kernels
+                raise RuntimeError(f"{what}: ggml_backend_view_init failed")
+            self.tensors[p.role] = view
+        self._frame_parts: dict[int, list[Tensor]] = {}  # repacked: frame -> its parts as whole tensors
+        self.free: list[int] = []                          # frames of evicted experts, pages still committed
+        self.released: list[int] = list(range(n_frames - 1, -1, -1))  # never used or given back (no pages)
+
+    def frame(self, i: int) -> np.ndarray:
+        """Frame i's bytes (mapped arenas: a miss is read into them)."""
+        if self.repacked:
+            raise ValueError(f"arena {self.index} holds repacked frames: load them with store()")
+        return self.memory.array[i * self.frame_bytes:(i + 1) * self.frame_bytes]
+
+    def store(self, i: int, j: int, plain: np.ndarray) -> None:
+        """Repacked arenas: part j of frame i := its plain bytes (repacked on the way in)."""
+        parts = self._frame_parts.get(i)
+        if parts is None:
+            parts = self._frame_parts[i] = [
+                self.memory.place(int(p.qtype), (p.cols, p.rows), i * self.frame_bytes + pos, p.nbytes,
+                                  name=f"arena{self.index}.{i}")
+                for p, pos in zip(self.parts, self.positions)]
+        self.memory.store(parts[j], plain)
+
+    def release_pages(self, i: int) -> None:
+        self.memory.release(i * self.frame_bytes, self.frame_bytes)
+
+    def close(self) -> None:
+        self.memory.close()
 
 
 class ArenaExpert:
@@ -115,35 +154,50 @@ class ArenaExpert:
 
 
 class ExpertArenas:
-    """The arenas for a set of expert specs, and the frames' memory under `limit_bytes` (None: no limit)."""
+    """The arenas for a set of expert specs, and the frames' memory under `limit_bytes` (None: no
+    limit). repack: layouts ggml multiplies faster repacked get repacked arenas."""
 
-    def __init__(self, specs: dict[Key, ExpertSpec], limit_bytes: int | None, what: str = "experts"):
-        self.arenas: dict[tuple, Arena] = {}
-        counts: dict[tuple, int] = {}
-        first: dict[tuple, ExpertSpec] = {}
+    def __init__(self, specs: dict[Key, ExpertSpec], limit_bytes: int | None, what: str = "experts",
+                 repack_layouts: bool = False):
+        self.what, self.limit_bytes = what, limit_bytes
+        self.counts: dict[tuple, int] = {}
+        self.first: dict[tuple, ExpertSpec] = {}
         for spec in specs.values():
             sig = signature(spec)
-            counts[sig] = counts.get(sig, 0) + 1
-            first.setdefault(sig, spec)
-        for sig, n in counts.items():
-            self.arenas[sig] = Arena(len(self.arenas), first[sig], n, f"{what} arena {len(self.arenas)}")
-        self.by_index = list(self.arenas.values())
-        self.limit_bytes = limit_bytes
+            self.counts[sig] = self.counts.get(sig, 0) + 1
+            self.first.setdefault(sig, spec)
+        self.repacked = {sig for sig, spec in self.first.items() if repack_layouts and repackable(spec)}
+        self.arenas: dict[tuple, list[Arena]] = {sig: [] for sig in self.counts}
+        self.by_index: list[Arena] = []
         self.committed_bytes = 0
         self.lock = threading.Lock()
+        for sig in self.counts:
+            self._grow(sig)
 
-    def arena_of(self, spec: ExpertSpec) -> Arena:
-        return self.arenas[signature(spec)]
+    def _grow(self, sig: tuple) -> Arena:
+        """Another arena of layout `sig`: mapped ones hold every expert of it; repacked ones as many
+        as the limit can hold (all, without one)."""
+        spec, have = self.first[sig], sum(a.n_frames for a in self.arenas[sig])
+        n = self.counts[sig] - have
+        if sig in self.repacked and self.limit_bytes is not None:
+            n = min(n, max(1, self.limit_bytes // spec.alloc_bytes - have))
+        if n <= 0:
+            raise RuntimeError(f"{self.what}: every expert of a layout is resident; no frame is left")
+        arena = Arena(len(self.by_index), spec, n, f"{self.what} arena {len(self.by_index)}", sig in self.repacked)
+        self.arenas[sig].append(arena)
+        self.by_index.append(arena)
+        return arena
 
     def allocate(self, spec: ExpertSpec) -> ArenaExpert:
         """A frame for `spec` (its bytes not yet loaded). Within the limit when the caller keeps
         the frames in use within it (the cache's budget does)."""
-        arena = self.arena_of(spec)
+        sig = signature(spec)
         with self.lock:
-            if arena.free:
-                return ArenaExpert(arena, arena.free.pop(), spec, self)
-            if not arena.released:
-                raise RuntimeError(f"arena {arena.index} has no free frame (all {arena.n_frames} in use)")
+            chunks = self.arenas[sig]
+            for arena in chunks:
+                if arena.free:
+                    return ArenaExpert(arena, arena.free.pop(), spec, self)
+            arena = next((a for a in chunks if a.released), None) or self._grow(sig)
             self._make_room(arena.frame_bytes)
             self.committed_bytes += arena.frame_bytes
             return ArenaExpert(arena, arena.released.pop(), spec, self)
@@ -175,19 +229,28 @@ class ExpertArenas:
 
 
 def arena_cache_class():
-    """The engine's ExpertCache: misses read straight into arena frames (one loader batch)."""
+    """The engine's ExpertCache: misses read straight into arena frames (one loader batch), or
+    into staging buffers and repacked into them."""
     from edgemoe.expert_cache import ExpertCache
     from edgemoe.expert_loader import spec_ranges
 
     class ArenaCache(ExpertCache):
-        def __init__(self, *args, **kwargs):
+        def __init__(self, *args, repack_layouts: bool = False, **kwargs):
             super().__init__(*args, **kwargs)
-            self.arenas = ExpertArenas(self.specs, self.budget_bytes)
+            self.arenas = ExpertArenas(self.specs, self.budget_bytes, repack_layouts=repack_layouts)
 
         def _load(self, keys: list[Key]) -> list[ArenaExpert]:
             experts = [self.arenas.allocate(self.specs[k]) for k in keys]
             try:
-                self.loader.read_many([(spec_ranges(self.specs[k]), e.buffer) for k, e in zip(keys, experts)])
+                plain = [(k, e) for k, e in zip(keys, experts) if not e.arena.repacked]
+                if plain:  # straight into their frames, every read in flight together
+                    self.loader.read_many([(spec_ranges(self.specs[k]), e.buffer) for k, e in plain])
+                for k, e in zip(keys, experts):
+                    if e.arena.repacked:  # a matrix at a time through this thread's staging buffer, then repacked
+                        for j, p in enumerate(self.specs[k].parts):
+                            buf = repack.staging(p.nbytes)
+                            self.loader.read_into([(p.offset, p.nbytes, 0)], buf)
+                            e.arena.store(e.index, j, buf)
             except BaseException:
                 for e in experts:
                     e.close()

@@ -60,6 +60,9 @@ class EngineConfig:
     # forward step runs (a longer prompt is prefilled in chunks of this many)
     kv_type: str = "f16"
     n_batch: int = 512
+    # dense matrices and expert arenas of types ggml multiplies faster repacked (Q4_0, Q4_K, IQ4_NL on
+    # AVX2, ...; edgemoe/native/repack.py) are held repacked, as llama.cpp does by default
+    repack: bool = True
 
 
 class Engine:
@@ -91,8 +94,9 @@ class Engine:
         # a background full-precision load requested more than ~2 tokens' worth of accesses ago is dropped
         stale = 2 * len({layer for layer, _ in self.specs}) * int(self.file.arch_field("expert_used_count", 1))
         self.cache = arena_cache_class()(self.path, self.specs, budget, policy, n_layers, low, config.dual_load_above,
-                                         stale, config.dual_background_load)
-        self.model = cls(self.file, self.backend, self.cache, kv_type=config.kv_type, n_batch=config.n_batch)
+                                         stale, config.dual_background_load, repack_layouts=config.repack)
+        self.model = cls(self.file, self.backend, self.cache, kv_type=config.kv_type, n_batch=config.n_batch,
+                         repack=config.repack)
         self.tokenizer = Tokenizer(self.path)
         self.prefetcher = None
         self.warnings: list[str] = []  # what the engine worked around (an unusable predictor file)

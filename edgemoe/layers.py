@@ -77,7 +77,7 @@ class Linear:
     """y = x W^T for a GGUF weight [out, in] (any type); called on torch [T, in] -> [T, out]."""
 
     def __init__(self, weights, name: str, backend, bias: str | None = None):
-        self.weight = weights[name]
+        self.weight = weights.matrix(name)
         self.bias = weights.get(bias) if bias else None
         self.in_features, self.out_features = self.weight.ne[0], self.weight.ne[1]
         self.backend = backend
@@ -95,7 +95,8 @@ class SwiGLU:
 
     def __init__(self, weights, layer: int, backend, suffix: str = ""):
         p = f"blk.{layer}."
-        self.gate, self.up, self.down = (weights[f"{p}ffn_{role}{suffix}.weight"] for role in ("gate", "up", "down"))
+        self.gate, self.up, self.down = (weights.matrix(f"{p}ffn_{role}{suffix}.weight")
+                                         for role in ("gate", "up", "down"))
         self.backend = backend
 
     def build(self, g, x: Tensor) -> Tensor:

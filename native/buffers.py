@@ -34,20 +34,16 @@ class StoredTensors:
             pass
 
 
-class HostTensors(StoredTensors):
-    """ggml tensors placed in one caller-owned memory range [address, address + nbytes), zero copy.
-    The caller keeps the memory mapped while this object (and any graph using its tensors) lives."""
+class PlacedTensors(StoredTensors):
+    """ggml tensors placed at offsets of one buffer's memory [address, address + nbytes)."""
 
-    def __init__(self, address: int, nbytes: int, max_tensors: int, what: str):
+    def _init(self, buffer: int, address: int, nbytes: int, max_tensors: int, what: str) -> None:
         if address % ALIGNMENT:
             raise ValueError(f"{what}: memory at {address:#x} is not {ALIGNMENT}-byte aligned")
         self.lib, self.what = ops.lib(), what
-        self.address, self.nbytes = address, nbytes
+        self.buffer, self.address, self.nbytes = buffer, address, nbytes
         self.ctx = self.lib.ggml_init(InitParams(self.lib.ggml_tensor_overhead() * max_tensors, None, True))
         self.ops, self.max_tensors, self.count = Ops(self.ctx), max_tensors, 0
-        self.buffer = self.lib.ggml_backend_cpu_buffer_from_ptr(ctypes.c_void_p(address), nbytes)
-        if not self.buffer:
-            raise MemoryError(f"{what}: ggml_backend_cpu_buffer_from_ptr failed")
 
     def place(self, type_: int, ne: tuple[int, ...], offset: int, nbytes: int | None = None, name: str = "") -> Tensor:
         """A contiguous tensor of `type_` and shape `ne` at address + offset. nbytes: the bytes the
@@ -70,15 +66,30 @@ class HostTensors(StoredTensors):
             raise RuntimeError(f"{label}: ggml_backend_tensor_alloc failed with status {status}")
         return t
 
-class FileWeights:
-    """A model file's tensors as ggml tensors over its memmap, made on first use."""
 
-    def __init__(self, model):
+class HostTensors(PlacedTensors):
+    """ggml tensors placed in one caller-owned memory range [address, address + nbytes), zero copy.
+    The caller keeps the memory mapped while this object (and any graph using its tensors) lives."""
+
+    def __init__(self, address: int, nbytes: int, max_tensors: int, what: str):
+        buffer = ops.lib().ggml_backend_cpu_buffer_from_ptr(ctypes.c_void_p(address), nbytes)
+        if not buffer:
+            raise MemoryError(f"{what}: ggml_backend_cpu_buffer_from_ptr failed")
+        self._init(buffer, address, nbytes, max_tensors, what)
+
+
+class FileWeights:
+    """A model file's tensors as ggml tensors over its memmap, made on first use; with `repack`,
+    `matrix(name)` gives a weight ggml multiplies faster repacked (edgemoe.native.repack) as a
+    repacked copy, read from the file (its mapped pages are not touched)."""
+
+    def __init__(self, model, repack: bool = False):
         data = model.reader.data  # the whole file, mapped read-only (page-aligned)
-        self.model = model
+        self.model, self.repack = model, repack
         self.host = HostTensors(data.ctypes.data, model.size, max_tensors=len(model.tensors) + 1,
                                 what=str(model.path))
         self._made: dict[str, Tensor] = {}
+        self._repacked: dict[str, tuple] = {}  # name -> (tensor, its buffer)
 
     def __getitem__(self, name: str) -> Tensor:
         t = self._made.get(name)
@@ -91,7 +102,34 @@ class FileWeights:
     def get(self, name: str) -> Tensor | None:
         return self[name] if name in self.model.tensors else None
 
+    def matrix(self, name: str) -> Tensor:
+        """Weight `name` as the first operand of ggml_mul_mat: repacked where that is faster."""
+        from edgemoe.native import repack
+
+        info = self.model.tensors[name]
+        ne = tuple(reversed(info.shape))
+        if not self.repack or len(ne) != 2 or not repack.repacks(int(info.qtype), ne):
+            return self[name]
+        if name not in self._repacked:
+            import os
+
+            buf = repack.RepackBuffer(info.nbytes, 1, f"{self.model.path}: {name}")
+            t = buf.place(int(info.qtype), ne, 0, info.nbytes, name)
+            data = repack.staging(info.nbytes)
+            fd = os.open(self.model.path, os.O_RDONLY)
+            try:
+                if os.preadv(fd, [memoryview(data)], info.offset) != info.nbytes:
+                    raise OSError(f"short read of {name} from {self.model.path}")
+            finally:
+                os.close(fd)
+            buf.store(t, data)
+            self._repacked[name] = (t, buf)
+        return self._repacked[name][0]
+
     def close(self) -> None:
+        for _, buf in self._repacked.values():
+            buf.close()
+        self._repacked.clear()
         self.host.close()
 
 

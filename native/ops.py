@@ -113,6 +113,7 @@ def lib() -> ctypes.CDLL:
     _fn(base, "ggml_soft_max_ext", P, P, P, P, FL, FL)
     _fn(base, "ggml_prec_set_acc", BOOL, P, INT)
     _fn(base, "ggml_set_name", P, P, c.c_char_p)
+    _fn(base, "ggml_backend_view_init", INT, P)
     _fn(base, "ggml_backend_alloc_ctx_tensors", P, P, P)
     _fn(base, "ggml_backend_get_default_buffer_type", P, P)
     _fn(base, "ggml_backend_buffer_clear", None, P, c.c_uint8)

@@ -101,18 +101,18 @@ class Attention:
     def __init__(self, m: GGUFFile, weights: FileWeights, layer: int, args: ModelArgs, backend):
         p = f"blk.{layer}."
         if p + "attn_q.weight" in m.tensors:  # V2-Lite: plain q
-            self.q_a, self.q = None, weights[p + "attn_q.weight"]
+            self.q_a, self.q = None, weights.matrix(p + "attn_q.weight")
         else:  # V2: low-rank q with its own norm
-            self.q_a, self.q_a_norm = weights[p + "attn_q_a.weight"], weights[p + "attn_q_a_norm.weight"]
-            self.q = weights[p + "attn_q_b.weight"]
-        self.kv_a = weights[p + "attn_kv_a_mqa.weight"]        # ne [D, lora + rope]
+            self.q_a, self.q_a_norm = weights.matrix(p + "attn_q_a.weight"), weights[p + "attn_q_a_norm.weight"]
+            self.q = weights.matrix(p + "attn_q_b.weight")
+        self.kv_a = weights.matrix(p + "attn_kv_a_mqa.weight")        # ne [D, lora + rope]
         self.kv_a_norm = weights[p + "attn_kv_a_norm.weight"]  # [lora]
         if args.mla:
             self.k_b = weights[p + "attn_k_b.weight"]  # ne [nope, lora, H]
             self.v_b = weights[p + "attn_v_b.weight"]  # ne [lora, v, H]
         else:
-            self.kv_b = weights[p + "attn_kv_b.weight"]  # ne [lora, H * (nope + v)]
-        self.o = weights[p + "attn_output.weight"]
+            self.kv_b = weights.matrix(p + "attn_kv_b.weight")  # ne [lora, H * (nope + v)]
+        self.o = weights.matrix(p + "attn_output.weight")
         self.layer, self.args, self.backend = layer, args, backend
 
     def build(self, g, x: Tensor, kv) -> Tensor:

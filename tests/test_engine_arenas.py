@@ -1,0 +1,52 @@
+"""Expert arenas (edgemoe/arenas.py): the memory they commit stays within the budget as it
+changes, repacked arenas grow when the budget does, and none of it changes a token."""
+from __future__ import annotations
+
+import pytest
+from gguf import GGMLQuantizationType as QT
+
+from edgemoe.converters.convert import convert
+from edgemoe.engine import Engine, EngineConfig
+from edgemoe.native import repack
+from synthetic import write_mixtral
+
+PROMPT = "def f(x):\n    return x + 1"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("arenas")
+    ckpt = write_mixtral(d / "ckpt", hidden=256, ff=256, n_experts=8, n_layers=3, seed=3)
+    return {q: convert(ckpt, d / f"m-{q}.gguf", q).path for q in ("q4_k", "q8_0")}
+
+
+def _tokens(engine: Engine, n: int = 12) -> list[int]:
+    return [e.token for e in engine.stream_generate(PROMPT, n, stop_at_eos=False)]
+
+
+@pytest.mark.parametrize("qtype", ["q4_k", "q8_0"])
+def test_budget_changes_keep_tokens_and_committed_memory_within_the_budget(models, qtype):
+    path = models[qtype]
+    full = Engine(path, EngineConfig(n_threads=1))
+    want, total = _tokens(full), full.expert_bytes_total
+    full.close()
+    engine = Engine(path, EngineConfig(n_threads=1, budget_bytes=total // 4))
+    try:
+        arenas = engine.cache.arenas
+        # q4_k layouts are repacked for the CPU where its build has the kernels (this one's does); q8_0 ones mapped
+        assert all(a.repacked for a in arenas.by_index) == (qtype == "q4_k" and repack.repacks_type(int(QT.Q4_K)))
+        n_arenas = len(arenas.by_index)
+        assert _tokens(engine) == want
+        assert arenas.committed_bytes <= total // 4
+        engine.cache.set_budget(total)  # grows: repacked arenas add frames, mapped ones have them
+        assert _tokens(engine) == want and _tokens(engine) == want
+        assert arenas.committed_bytes <= total
+        if arenas.repacked:
+            assert len(arenas.by_index) > n_arenas
+        engine.cache.set_budget(total // 3)  # shrinks: frames given back at once
+        assert arenas.committed_bytes <= total // 3
+        assert _tokens(engine) == want
+        assert arenas.committed_bytes <= total // 3
+    finally:
+        engine.close()
+
