@@ -7,7 +7,9 @@ Tensors that flow between a layer's graphs live in one buffer (`Activations`): x
 stream), h (after attention), xn (the MoE input) and y (per (token, slot) expert outputs).
 Decode graphs (one token) are built once and reused with new inputs: the layer graphs per KV
 length bucket (kept in the KV cache they read), the expert graphs per arena mix (in the MoE
-block), embedding and head here. Prefill runs in chunks of `n_batch` tokens with one-off graphs.
+block), embedding and head here; they read a one-token buffer. Prefill runs in chunks of
+`n_batch` tokens with one-off graphs over a buffer sized for its chunks, freed after it with the
+graphs' scratch memory, so a short prompt costs little memory and a long one only while it runs.
 """
 from __future__ import annotations
 
@@ -49,8 +51,8 @@ class Runner:
 
     def __init__(self, model, backend, n_batch: int):
         self.model, self.backend, self.n_batch = model, backend, n_batch
-        top_k = max((b.cfg.top_k for b in model.moe_blocks), default=1)
-        self.acts = Activations(backend, model.args.hidden_size, top_k, n_batch)
+        self.top_k = max((b.cfg.top_k for b in model.moe_blocks), default=1)
+        self.decode_acts = Activations(backend, model.args.hidden_size, self.top_k, 1)  # read by the kept graphs
         self._graphs: dict[tuple, tuple] = {}  # decode embedding / head graphs
 
     def forward(self, tokens: list[int], kv, start: int, all_logits: bool = False) -> np.ndarray:
@@ -59,17 +61,24 @@ class Runner:
         if len(ids) == 0:
             raise ValueError("no tokens to run")
         out = []
-        step = min(self.n_batch, kv.n_batch)
-        for b0 in range(0, len(ids), step):
-            chunk = ids[b0:b0 + step]
-            n = len(chunk)
-            kv.set_step(start + b0, n)
-            self._embed(chunk)
-            for i in range(len(self.model.blocks)):
-                self._layer(i, kv, n)
-            last = b0 + n >= len(ids)
-            if all_logits or last:
-                out.append(self._head(n, all_logits))
+        step = min(self.n_batch, kv.n_batch, len(ids))
+        # a prefill's activations and graph memory are sized for its chunks and freed after it
+        acts = self.decode_acts if step == 1 else Activations(self.backend, self.model.args.hidden_size, self.top_k,
+                                                               step)
+        try:
+            for b0 in range(0, len(ids), step):
+                chunk = ids[b0:b0 + step]
+                n = len(chunk)
+                kv.set_step(start + b0, n)
+                self._embed(acts, chunk)
+                for i in range(len(self.model.blocks)):
+                    self._layer(acts, i, kv, n)
+                if all_logits or b0 + n >= len(ids):
+                    out.append(self._head(acts, n, all_logits))
+        finally:
+            if acts is not self.decode_acts:
+                acts.close()
+                self.backend.reset_scratch()
         return np.concatenate(out)
 
     def _cached(self, store: dict, key: tuple, build):
@@ -80,13 +89,13 @@ class Runner:
                 store[key] = entry
         return entry
 
-    def _embed(self, ids: np.ndarray) -> None:
+    def _embed(self, acts: Activations, ids: np.ndarray) -> None:
         n = len(ids)
 
         def build():
             g = Graph(self.backend, label="dense", reuse=n == 1)
             t = g.input(ops.I32, (n,))
-            g.expand(g.cpy(self.model.embed.build(g, t), self.acts.view(g, "x", n)))
+            g.expand(g.cpy(self.model.embed.build(g, t), acts.view(g, "x", n)))
             return g, t
 
         g, t = self._cached(self._graphs, ("embed", n), build)
@@ -95,14 +104,14 @@ class Runner:
         if n > 1:
             g.close()
 
-    def _head(self, n: int, all_logits: bool) -> np.ndarray:
+    def _head(self, acts: Activations, n: int, all_logits: bool) -> np.ndarray:
         n_out = n if all_logits else 1
 
         def build():
             g = Graph(self.backend, label="dense", reuse=n == 1)
-            x = self.acts.view(g, "x", n)
+            x = acts.view(g, "x", n)
             if n_out < n:  # the last token only
-                x = g.view_2d(self.acts.buffer["x"], x.ne[0], 1, 4 * x.ne[0], 4 * x.ne[0] * (n - 1))
+                x = g.view_2d(acts.buffer["x"], x.ne[0], 1, 4 * x.ne[0], 4 * x.ne[0] * (n - 1))
             m = self.model
             logits = g.output(m.output.build(g, norm(g, x, m.norm_weight, m.args.eps)))  # [V, n_out]
             return g, logits
@@ -114,12 +123,12 @@ class Runner:
             g.close()
         return out
 
-    def _layer(self, i: int, kv, n: int) -> None:
+    def _layer(self, acts: Activations, i: int, kv, n: int) -> None:
         block = self.model.blocks[i]
 
         def build():
             g = Graph(self.backend, label="dense", reuse=n == 1)
-            routed = self.model.build_layer(g, i, kv, self.acts, n)
+            routed = self.model.build_layer(g, i, kv, acts, n)
             if not routed:
                 return g, ()
             ids, weights = (g.output(t) for t in routed)  # [k, T] each, read into [T, k]
@@ -133,10 +142,10 @@ class Runner:
         if n > 1:
             g.close()
         if outs:
-            block.moe.run(self.acts, outs[0][1], outs[1][1])
+            block.moe.run(acts, outs[0][1], outs[1][1])
 
     def close(self) -> None:
         for g, _ in self._graphs.values():
             g.close()
         self._graphs.clear()
-        self.acts.close()
+        self.decode_acts.close()

@@ -45,6 +45,12 @@ class CpuBackend:
             self.cpu.ggml_threadpool_free(self.threadpool)
         self.threadpool = pool
 
+    def reset_scratch(self) -> None:
+        """Give back the scratch allocator's memory (sized by the largest one-off graph, a prefill's)."""
+        self.base.ggml_gallocr_free(self.scratch_galloc)
+        self.scratch_galloc = self.base.ggml_gallocr_new(self.buffer_type)
+        self.scratch_owner = None
+
     def close(self) -> None:
         if self.handle:
             self.base.ggml_gallocr_free(self.galloc)
