@@ -7,6 +7,7 @@ from pathlib import Path
 
 from edgemoe import commands
 from edgemoe.commands import convert, generate, measure, serve, trace, tune
+from edgemoe.policies import DEFAULT_POLICY, POLICIES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "cache deciding which experts are resident (--policy, --prefetch, --predictor apply)")
     _engine_options(g)
     g.add_argument("--predictor", default=None, metavar="NAME|FILE.onnx",
-                   help="prefetch with this predictor (implies --prefetch): router (next-layer router speculation; "
-                        "the --prefetch default), prior (routing frequencies), none, learned (the .onnx beside the "
+                   help="prefetch with this predictor (implies --prefetch): cooccur (the next layer's experts from "
+                        "this token's previous layers, counted online; the --prefetch default), router (next-layer "
+                        "router speculation), prior (routing frequencies), none, learned (the .onnx beside the "
                         "model or embedded in it), or a FILE.onnx from `edgemoe predictor train`")
     g.add_argument("--stats", action="store_true", help="print cache statistics per token to stderr")
     g.set_defaults(func=generate.generate_cmd)
@@ -123,19 +125,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "--compare-predictors` score router speculation, and make the file ~10x larger)")
     t.set_defaults(func=trace.trace_cmd)
 
-    s = sub.add_parser("simulate", help="replay a routing trace through every cache policy and budget",
-                       description="Hit rates and bytes read per token of each policy (lru, lfu, hybrid, random) "
-                                   "next to Belady's offline optimum, without running the model.")
-    s.add_argument("trace", type=Path, help="trace file from `edgemoe trace`")
+    s = sub.add_parser("simulate", help="replay routing traces through every cache policy and budget",
+                       description="Hit rates, misses and bytes read per token of each policy (split, lru, lfu, "
+                                   "hybrid, random) next to Belady's offline optimum, without running the model. "
+                                   "Given a folder, every trace in it, then the sum over them (overall).")
+    s.add_argument("trace", type=Path, help="trace file from `edgemoe trace`, or a folder of them")
     s.add_argument("--budget", action="append",
                    help="expert budget: bytes (2GB, 512MiB) or a share of all experts (50%%); repeatable "
                         "(default: 25%%, 50%%, 75%%)")
     s.add_argument("--policy", action="append", help="policy to replay (repeatable; default: all)")
     s.add_argument("--compare-predictors", action="store_true",
-                   help="instead of policies: replay each prefetch predictor (none, router, prior, learned) with "
-                        "the first --policy (default lru): precision/recall, hit rate vs Belady, wasted bytes")
+                   help="instead of policies: replay each prefetch predictor (none, router, prior, cooccur, "
+                        "learned) with the first --policy (default split): precision/recall, hit rate vs Belady, "
+                        "wasted bytes")
     s.add_argument("--predictor", type=Path, default=None, metavar="FILE.onnx",
                    help="the learned predictor to compare (implies --compare-predictors)")
+    s.add_argument("--score-from", type=int, default=0, metavar="STEP",
+                   help="replay every step but count only steps STEP and later (e.g. those a predictor was not "
+                        "trained on; default 0)")
     s.set_defaults(func=trace.simulate_cmd)
     b = sub.add_parser("bench", help="edgemoe vs llama.cpp tokens/s on the same GGUF, at several budgets",
                        description="Prefill and decode tokens/s of llama.cpp and of the edgemoe engine at full "
@@ -149,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--budgets", default="100,75,50,25", help="expert budgets in %% of all expert bytes")
     b.add_argument("-n", "--tokens", type=int, default=32, help="decode tokens per run (default 32)")
     b.add_argument("--prompt-tokens", type=int, default=64, help="prompt length for prefill (default 64)")
-    b.add_argument("--policy", default="lru")
+    b.add_argument("--policy", default=DEFAULT_POLICY)
     b.add_argument("--prefetch", action="store_true")
     b.add_argument("--threads", type=int, default=None, help="threads for both backends (default: all cores)")
     b.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
@@ -205,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--ctx", type=int, default=512, help="context length the profile sets (default 512)")
     tu.add_argument("-o", "--out", type=Path, default=None, help="output folder (default ./tune-MODEL_NAME)")
     tu.add_argument("--all", action="store_true", help="list every setting in the table")
+    tu.add_argument("--traces", type=Path, default=None, metavar="FILE|DIR",
+                    help="more routing traces of this model (a file or a folder, e.g. from `edgemoe trace --backend "
+                         "llama` on other text) replayed beside the one tune records; the table shows their sum, a "
+                         "second table each trace's hit rates")
     tu.set_defaults(func=tune.tune_cmd)
     _predictor_parsers(sub)
     return p
@@ -309,7 +320,7 @@ def _predictor_parsers(sub) -> None:
     b.add_argument("--prompts", type=Path, default=None,
                    help="text file, one prompt per line (default: 8 prompts from the demo corpus's held-out split)")
     b.add_argument("--budget", default="50%", help="expert budget: bytes or a share (default 50%%)")
-    b.add_argument("--policy", default="lru")
+    b.add_argument("--policy", default=DEFAULT_POLICY)
     b.add_argument("-n", "--max-tokens", type=int, default=64, help="tokens per prompt (default 64)")
     b.add_argument("--repeats", type=int, default=3, help="runs per predictor (default 3; the median is reported)")
     b.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
@@ -320,7 +331,9 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", default=None,
                    help="expert cache budget: bytes (2GB, 512MiB) or a share of all experts (50%%); "
                         "default: all experts fit")
-    p.add_argument("--policy", default="lru", help="eviction policy: lru, lfu, hybrid, random, belady (default lru)")
+    p.add_argument("--policy", default=DEFAULT_POLICY,
+                   help=f"eviction policy: {', '.join(POLICIES)} (default {DEFAULT_POLICY}: each MoE layer's share of "
+                        "the budget from its own hit-rate curves, measured while it runs)")
     p.add_argument("--trace", type=Path, default=None, help="routing trace giving Belady's future accesses")
     p.add_argument("--prefetch", action="store_true", help="prefetch the next layer's predicted experts")
     p.add_argument("--max-memory", default=None, metavar="CAP",

@@ -23,7 +23,8 @@ from edgemoe.legacy import check_current_layout
 from edgemoe.memory import peak_rss_bytes
 from edgemoe.model_check import check_model
 from edgemoe.native.backend import CpuBackend
-from edgemoe.policies import Key, make_policy
+from edgemoe.policies import DEFAULT_POLICY, Key, make_policy
+from edgemoe.predictor.base import DEFAULT_PREDICTOR
 from edgemoe.text import split_complete_utf8
 from edgemoe.tokenizer import Tokenizer
 
@@ -31,7 +32,7 @@ from edgemoe.tokenizer import Tokenizer
 @dataclass(frozen=True)
 class EngineConfig:
     budget_bytes: int | None = None  # None: room for every expert
-    policy: str = "lru"
+    policy: str = DEFAULT_POLICY
     prefetch: bool = False
     n_threads: int | None = None
     n_ctx: int = 512
@@ -45,10 +46,11 @@ class EngineConfig:
     dual_low_type: str | None = None
     dual_load_above: float = 0.5
     dual_background_load: bool = False
-    # what the prefetcher predicts with (prefetch=True): "router" (next-layer router speculation,
-    # frequency prior for the next token), "prior", "none", or "learned": the ONNX file at
-    # predictor_path (None: embedded in the GGUF or beside the model, edgemoe.predictor.onnx_runtime)
-    predictor: str = "router"
+    # what the prefetcher predicts with (prefetch=True): "cooccur" (cross-layer co-occurrence counted
+    # online), "router" (next-layer router speculation, frequency prior for the next token), "prior",
+    # "none", or "learned": the ONNX file at predictor_path (None: embedded in the GGUF or beside the
+    # model, edgemoe.predictor.onnx_runtime)
+    predictor: str = DEFAULT_PREDICTOR
     predictor_path: str | None = None
     # torch's intra-op threads, set process-wide when the engine opens (None: leave torch's setting).
     # torch runs only small per-token ops here (norms, rope, attention, routing); the big matmuls are

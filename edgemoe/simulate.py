@@ -32,8 +32,9 @@ class SimResult:
 
 
 def simulate(trace: Trace, budget_bytes: int, policy: str, seed: int = 0, decode_only: bool = True,
-             prefetch: list[dict[int, list[Key]]] | None = None) -> SimResult:
-    """decode_only: prompt prefills (multi-token steps) are replayed but not counted.
+             prefetch: list[dict[int, list[Key]]] | None = None, score_from: int = 0) -> SimResult:
+    """decode_only: prompt prefills (multi-token steps) are replayed but not counted; nor are the
+    steps before `score_from` (e.g. those a predictor was trained on).
 
     prefetch: per step, per layer, keys loaded as `ExpertCache.prefetch` would just before that
     layer's demand accesses (aligned with trace.steps; `edgemoe.bench.predictor_compare.schedule` builds
@@ -55,11 +56,11 @@ def simulate(trace: Trace, budget_bytes: int, policy: str, seed: int = 0, decode
                 pf_bytes += state.sizes[key]
             h, m, used = layer_step(state, layer, Counter(e for tok in step[layer] for e in tok))
             hits, misses, nbytes, pf_used = hits + h, misses + len(m), nbytes + sum(state.sizes[k] for k in m), pf_used + used
-        if not decode_only or len(next(iter(step.values()), [])) == 1:
+        if i >= score_from and (not decode_only or len(next(iter(step.values()), [])) == 1):
             for j, n in enumerate((hits, misses, nbytes + pf_bytes, pf_bytes, state.c.prefetch_hits - pf_hits0,
                                   pf_used)):
                 counted[j] += n
-    tokens = sum(n for n in trace.tokens_per_step() if n == 1 or not decode_only)
+    tokens = sum(n for n in trace.tokens_per_step()[score_from:] if n == 1 or not decode_only)
     return SimResult(policy, budget_bytes, *counted[:3], tokens, *counted[3:])
 
 
@@ -95,3 +96,11 @@ def layer_step(state: Residency, layer: int, slots: Counter) -> tuple[int, list[
 
 def sweep(trace: Trace, budgets: list[int], policies: tuple[str, ...] = POLICIES) -> list[SimResult]:
     return [simulate(trace, b, p) for b in budgets for p in policies]
+
+
+def total(results: list[SimResult], budget_bytes: int = 0) -> SimResult:
+    """Several traces' results for one policy as one: counts and tokens summed (budget_bytes:
+    what to report as the budget, e.g. 0 when each trace ran at its own share)."""
+    return SimResult(results[0].policy, budget_bytes, *(sum(getattr(r, f) for r in results) for f in
+                     ("hits", "misses", "bytes_read", "tokens", "prefetch_bytes", "prefetch_hits",
+                      "prefetch_used_bytes")))

@@ -47,6 +47,13 @@ class Trace:
                 seq.extend((layer, e) for e in sorted({e for tok in step[layer] for e in tok}))
         return seq
 
+    def sliced(self, start: int, stop: int | None = None) -> "Trace":
+        """The trace of steps [start, stop): e.g. a head to train a predictor on, the rest kept
+        to score it (`edgemoe simulate --score-from`)."""
+        logits = self.router_logits[start:stop] if self.router_logits is not None else None
+        return Trace(self.model, self.n_experts, self.top_k, list(self.moe_layers), dict(self.expert_bytes),
+                     self.steps[start:stop], logits)
+
     def tokens_per_step(self) -> list[int]:
         return [len(next(iter(step.values()))) if step else 0 for step in self.steps]
 
@@ -139,3 +146,14 @@ class TraceRecorder:
             if self._observe in b.observers:
                 b.observers.remove(self._observe)
         return self.trace
+
+
+def load_traces(path: str | os.PathLike) -> list[tuple[Path, Trace]]:
+    """One trace file, or every trace file (*.json, name order) in a folder."""
+    path = Path(path)
+    if not path.is_dir():
+        return [(path, Trace.load(path))]
+    files = sorted(f for f in path.glob("*.json") if f.is_file())
+    if not files:
+        raise TraceError(f"{path} holds no trace files (*.json); record some with `edgemoe trace -o {path}/NAME.json`")
+    return [(f, Trace.load(f)) for f in files]

@@ -13,6 +13,7 @@ import torch
 from edgemoe.converters.convert import convert
 from edgemoe.engine import Engine, EngineConfig
 from edgemoe.predictor.base import Predictor, PriorPredictor, RouterPredictor
+from edgemoe.predictor.cooccur import CooccurPredictor
 from edgemoe.predictor.onnx_runtime import LearnedPredictor, beside_path
 from edgemoe.predictor.train import train
 from edgemoe.trace import TraceRecorder
@@ -68,7 +69,8 @@ def test_tokens_identical_with_every_predictor_at_half_budget(model, predictor_f
     probe = Engine(model)
     budget = probe.expert_bytes_total // 2
     probe.close()
-    kinds = {"none": Predictor, "router": RouterPredictor, "prior": PriorPredictor, "learned": LearnedPredictor}
+    kinds = {"none": Predictor, "router": RouterPredictor, "prior": PriorPredictor, "cooccur": CooccurPredictor,
+             "learned": LearnedPredictor}
     for name, cls in kinds.items():
         config = EngineConfig(budget_bytes=budget, prefetch=True, predictor=name, predictor_path=str(path), n_threads=1)
         engine, events = _generate(model, config)
@@ -80,9 +82,10 @@ def test_tokens_identical_with_every_predictor_at_half_budget(model, predictor_f
         assert (issued == 0) == (name == "none"), (name, issued)
 
 
-def test_default_prefetch_is_router_speculation(model):
+def test_default_prefetch_is_cross_layer_cooccurrence(model):
     engine = Engine(model, EngineConfig(prefetch=True))
-    assert type(engine.prefetcher.predictor) is RouterPredictor
+    assert type(engine.prefetcher.predictor) is CooccurPredictor
+    assert engine.prefetcher.lookahead is None  # needs no router look-ahead
     engine.close()
 
 

@@ -80,7 +80,7 @@ def test_compare_predictors_rows():
     t = synthetic_trace()
     budget = sum(t.expert_bytes.values()) // 2
     rows = {r.predictor: r for r in compare_predictors(t, budget)}
-    assert set(rows) == {"none", "router", "prior", "learned@1", "learned"}
+    assert set(rows) == {"none", "router", "prior", "cooccur", "learned@1", "learned"}
     assert rows["none"].precision is None and rows["none"].recall == 0.0 and rows["none"].prefetch_bytes_per_token == 0
     assert rows["router"].precision > 0.75 > rows["prior"].precision
     assert rows["router"].hit_rate > rows["none"].hit_rate

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from edgemoe.policies import Key
+from edgemoe.policies import DEFAULT_POLICY, Key
 from edgemoe.predictor.base import Predictor, PredictorError, RoutingShape, make_predictor
 from edgemoe.predictor.replay import experts_at, queries, target
 from edgemoe.simulate import simulate
@@ -36,6 +36,16 @@ class PredictorResult:
     wasted_bytes_per_token: float | None  # prefetched, never used
     tokens: int
     note: str = ""                 # why a predictor could not be evaluated
+    # the counts behind the rates (for summing traces: `combine`)
+    correct: int = 0
+    predicted: int = 0
+    actual: int = 0
+    hits: int = 0
+    misses: int = 0                # demand misses: accesses that had to wait
+    belady_misses: int = 0
+    bytes_read: int = 0
+    prefetch_bytes: int = 0
+    wasted_bytes: int = 0
 
 
 @dataclass
@@ -46,8 +56,9 @@ class Schedule:
     actual: int = 0      # distinct (target, expert) demands on counted targets
 
 
-def schedule(trace: Trace, predictor: Predictor) -> Schedule:
-    """Run `predictor` over the trace as the prefetcher would and score its predictions."""
+def schedule(trace: Trace, predictor: Predictor, score_from: int = 0) -> Schedule:
+    """Run `predictor` over the trace as the prefetcher would and score its predictions (on the
+    decode steps from `score_from` on)."""
     L = len(trace.moe_layers)
     sched = Schedule([{} for _ in trace.steps])
     predicted: dict[tuple[int, int], set[int]] = {}
@@ -63,7 +74,7 @@ def schedule(trace: Trace, predictor: Predictor) -> Schedule:
                 continue
             loads.append((trace.moe_layers[t[1]], e))
             predicted.setdefault(t, set()).add(e)
-    decode = [s for s, n in enumerate(trace.tokens_per_step()) if n == 1]
+    decode = [s for s, n in enumerate(trace.tokens_per_step()) if n == 1 and s >= score_from]
     for s in decode:
         for i in range(L):
             want, got = experts_at(trace, s, i), predicted.get((s, i), set())
@@ -73,17 +84,18 @@ def schedule(trace: Trace, predictor: Predictor) -> Schedule:
     return sched
 
 
-COMPARED = ("none", "router", "prior", "learned@1", "learned")  # learned@1: as many predictions as router
+COMPARED = ("none", "router", "prior", "cooccur", "learned@1", "learned")  # learned@1: as many predictions as router
 
 
 def compare_predictors(trace: Trace, budget_bytes: int, predictors: tuple[str, ...] = COMPARED,
                        predictor_file: str | os.PathLike | bytes | None = None,
-                       policy: str = "lru") -> list[PredictorResult]:
+                       policy: str = DEFAULT_POLICY, score_from: int = 0) -> list[PredictorResult]:
     """One row per predictor (none, router, prior, learned@1, learned); the learned ones need
     `predictor_file`. A predictor the trace cannot evaluate (router speculation on a trace
     without router_logits) or a file that does not fit gets a row with `note` and no numbers."""
     shape = RoutingShape.of_trace(trace)
-    belady = simulate(trace, budget_bytes, "belady").hit_rate
+    best = simulate(trace, budget_bytes, "belady", score_from=score_from)
+    belady = best.hit_rate
     rows = []
     for name in predictors:
         try:
@@ -96,13 +108,33 @@ def compare_predictors(trace: Trace, budget_bytes: int, predictors: tuple[str, .
             rows.append(PredictorResult(name, policy, budget_bytes, None, None, None, belady, None, None, None, 0,
                                         str(exc)))
             continue
-        sched = schedule(trace, predictor)
-        sim = simulate(trace, budget_bytes, policy, prefetch=sched.loads if name != "none" else None)
+        sched = schedule(trace, predictor, score_from)
+        sim = simulate(trace, budget_bytes, policy, prefetch=sched.loads if name != "none" else None,
+                       score_from=score_from)
         n = max(sim.tokens, 1)
+        wasted = max(sim.prefetch_bytes - sim.prefetch_used_bytes, 0)
         rows.append(PredictorResult(
             name, policy, budget_bytes,
             sched.correct / sched.predicted if sched.predicted else None,
             sched.correct / sched.actual if sched.actual else None,
-            sim.hit_rate, belady, sim.bytes_read / n, sim.prefetch_bytes / n,
-            max(sim.prefetch_bytes - sim.prefetch_used_bytes, 0) / n, sim.tokens))
+            sim.hit_rate, belady, sim.bytes_read / n, sim.prefetch_bytes / n, wasted / n, sim.tokens, "",
+            sched.correct, sched.predicted, sched.actual, sim.hits, sim.misses, best.misses, sim.bytes_read,
+            sim.prefetch_bytes, wasted))
     return rows
+
+
+def combine(rows: list[PredictorResult]) -> PredictorResult:
+    """One predictor's rows over several traces (same budget share) as one: rates from summed
+    counts. A row with a note (not evaluated) makes the result not evaluated."""
+    r0 = rows[0]
+    noted = [r.note for r in rows if r.note]
+    if noted:
+        return PredictorResult(r0.predictor, r0.policy, 0, None, None, None, 0.0, None, None, None, 0, noted[0])
+    c = {f: sum(getattr(r, f) for r in rows) for f in ("correct", "predicted", "actual", "hits", "misses",
+                                                      "belady_misses", "bytes_read", "prefetch_bytes",
+                                                      "wasted_bytes", "tokens")}
+    n, accesses = max(c["tokens"], 1), max(c["hits"] + c["misses"], 1)
+    return PredictorResult(r0.predictor, r0.policy, 0, c["correct"] / c["predicted"] if c["predicted"] else None,
+                           c["correct"] / c["actual"] if c["actual"] else None, c["hits"] / accesses,
+                           1 - c["belady_misses"] / accesses, c["bytes_read"] / n, c["prefetch_bytes"] / n,
+                           c["wasted_bytes"] / n, c["tokens"], "", **{f: c[f] for f in c if f != "tokens"})

@@ -21,7 +21,9 @@ def add_compare_rows(table: Table, rows: list[PredictorResult], total_bytes: int
     for r in rows:
         if r.note:
             notes.append(f"{r.predictor}: {r.note}")
-        table.add_row(f"{r.budget_bytes / 2**20:.1f} MiB", f"{100 * r.budget_bytes / total_bytes:.0f}%", r.policy,
+        budget, share = ((f"{r.budget_bytes / 2**20:.1f} MiB", f"{100 * r.budget_bytes / total_bytes:.0f}%")
+                         if total_bytes else ("each trace's", "overall"))  # total_bytes 0: traces combined
+        table.add_row(budget, share, r.policy,
                       r.predictor, _pct(r.precision), _pct(r.recall), _pct(r.hit_rate), _pct(r.belady_hit_rate),
                       _mib(r.bytes_per_token), _mib(r.prefetch_bytes_per_token), _mib(r.wasted_bytes_per_token))
     table.add_section()

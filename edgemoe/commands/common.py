@@ -44,6 +44,7 @@ def read_prompts(path: Path) -> list[str]:
 def engine_config(args: argparse.Namespace, path) -> "EngineConfig":
     """--budget/--policy/--trace/--prefetch/--threads/--ctx -> EngineConfig."""
     from edgemoe.engine import EngineConfig
+    from edgemoe.predictor.base import DEFAULT_PREDICTOR
     from edgemoe.memory import parse_budget
 
     budget = None
@@ -64,7 +65,7 @@ def engine_config(args: argparse.Namespace, path) -> "EngineConfig":
                         dual_low_type=getattr(args, "dual_low", None),
                         dual_load_above=getattr(args, "dual_load_above", 0.5),
                         dual_background_load=getattr(args, "dual_background_load", False),
-                        predictor=predictor or "router", predictor_path=predictor_path)
+                        predictor=predictor or DEFAULT_PREDICTOR, predictor_path=predictor_path)
 
 
 def budget_under_cap(args: argparse.Namespace, path, cap: str) -> int:

@@ -38,7 +38,7 @@ def tune_cmd(args: argparse.Namespace) -> int:
     from edgemoe.memory import parse_bytes, parse_shares
     from edgemoe.tune.sweep import DEFAULT_PROMPTS, DEFAULT_SHARES, TuneOptions, tune
     from edgemoe.tune.plot import terminal_plot
-    from edgemoe.tune.report import RichProgress, summary, table, write_outputs
+    from edgemoe.tune.report import RichProgress, summary, table, trace_table, write_outputs
 
     path = Path(model_path(args.model))
     prompts = DEFAULT_PROMPTS
@@ -49,12 +49,15 @@ def tune_cmd(args: argparse.Namespace) -> int:
     out = args.out or Path(f"tune-{path.stem}")
     opts = TuneOptions(path, prompts, args.tokens, parse_bytes(args.max_memory) if args.max_memory else None, shares,
                        confirm=confirm, repeats=args.repeats, tolerance=args.tolerance / 100, threads=args.threads,
-                       ctx=args.ctx, work_dir=out)
+                       ctx=args.ctx, work_dir=out, traces=args.traces)
     console = Console(width=max(Console().width, 160))
     with Progress(TextColumn("{task.description:<28}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeRemainingColumn(), console=Console(stderr=True)) as bar:
         res = tune(opts, RichProgress(bar))
     console.print(table(res, args.all))
+    per_trace = trace_table(res)
+    if per_trace is not None:
+        console.print(per_trace)
     if res.rows and res.cost:
         console.print(terminal_plot(res), highlight=False)
     for line in summary(res):

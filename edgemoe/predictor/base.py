@@ -144,11 +144,12 @@ class RouterPredictor(PriorPredictor):
         return [(1, e) for e in chosen + tuple(extra)]
 
 
-PREDICTORS = ("none", "router", "prior", "learned")
+PREDICTORS = ("none", "router", "prior", "cooccur", "learned")
+DEFAULT_PREDICTOR = "cooccur"  # needs no file and no router logits; measured in docs/BENCHMARKS.md
 
 
 def make_predictor(name: str, shape: RoutingShape, source=None) -> Predictor:
-    """name: none | router | prior | learned (source: an .onnx path or its bytes); "learned@N"
+    """name: none | router | prior | cooccur | learned (source: an .onnx path or its bytes); "learned@N"
     uses only the first N of the layers ahead the file predicts."""
     if name == "none":
         return Predictor()
@@ -156,6 +157,10 @@ def make_predictor(name: str, shape: RoutingShape, source=None) -> Predictor:
         return RouterPredictor(shape)
     if name == "prior":
         return PriorPredictor(shape)
+    if name == "cooccur":
+        from edgemoe.predictor.cooccur import CooccurPredictor
+
+        return CooccurPredictor(shape)
     if name == "learned" or name.startswith("learned@") and name[8:].isdigit():
         from edgemoe.predictor.onnx_runtime import LearnedPredictor
 

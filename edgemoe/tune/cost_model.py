@@ -25,7 +25,7 @@ from edgemoe.tune.runs import RunResult
 # fresh venv (CI, 2026-11-25), so 64 MiB was a knife edge
 SLACK_BYTES = 80 * 2**20
 MIN_SLOPE, MAX_SLOPE = 0.25, 50.0  # engine read cost per byte accepted, relative to the probe's
-POLICY_ORDER = ("lru", "lfu", "hybrid", "random", "belady")
+POLICY_ORDER = ("split", "lru", "lfu", "hybrid", "random", "belady")  # ties: the default policy first
 
 
 @dataclass(frozen=True)

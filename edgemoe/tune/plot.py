@@ -10,7 +10,7 @@ from pathlib import Path
 from edgemoe.tune.sweep import TuneResult
 
 MIB = 2**20
-MARKERS = {"lru": "L", "lfu": "F", "hybrid": "H", "random": "R", "belady": "B"}
+MARKERS = {"split": "S", "lru": "L", "lfu": "F", "hybrid": "H", "random": "R", "belady": "B"}
 
 
 def _series(res: TuneResult, prefetch: bool, value) -> dict[str, list[tuple[float, float]]]:

@@ -15,9 +15,10 @@ import yaml
 
 from edgemoe.errors import InputError
 from edgemoe.memory import parse_bytes
+from edgemoe.policies import ONLINE_POLICIES
 
 FORMAT = "edgemoe-profile/1"
-SELECTABLE_POLICIES = ("lru", "lfu", "hybrid", "random")  # belady needs the future: not a setting
+SELECTABLE_POLICIES = ONLINE_POLICIES  # belady needs the future: not a setting
 REQUIRED = ("model", "budget_bytes", "policy", "prefetch", "threads", "ctx")
 INFO = ("format", "model_bytes", "budget_share", "confirmed", "created_by", "created_at", "max_memory_bytes",
         "measured", "predicted", "machine")

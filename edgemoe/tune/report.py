@@ -65,6 +65,25 @@ def table(res: TuneResult, every: bool = False) -> Table:
     return t
 
 
+def trace_table(res: TuneResult) -> Table | None:
+    """With several traces: each eligible budget's replayed hit % per policy (without and with
+    prefetch) per trace, beside their sum (overall); None with one trace."""
+    if not res.trace_hit_rates:
+        return None
+    names = list(res.trace_hit_rates)
+    t = Table("budget MiB", "policy", "prefetch", *(f"hit% {n}" for n in names), "hit% overall",
+              title="replayed hit rate per trace")
+    last = None
+    for r in sorted((r for r in res.rows if not r.excluded), key=lambda r: (-r.setting.budget_bytes, order_key(r))):
+        s = r.setting
+        if last is not None and s.budget_bytes != last:
+            t.add_section()
+        last = s.budget_bytes
+        t.add_row(f"{s.budget_bytes / MIB:.1f}", s.policy, "on" if s.prefetch else "off",
+                  *(_pct(res.trace_hit_rates[n].get(s.label())) for n in names), _pct(r.sim.hit_rate))
+    return t
+
+
 def summary(res: TuneResult) -> list[str]:
     lines = []
     m, f = res.machine, res.facts
@@ -157,7 +176,8 @@ def result_dict(res: TuneResult) -> dict:
             "excluded_budgets": {str(b): why for b, why in res.excluded_budgets.items()},
             "rows": [_row_dict(r) for r in res.rows], "belady": [_row_dict(r) for r in res.bounds],
             "recommended": _row_dict(res.recommended) if res.recommended else None,
-            "recommended_by": res.recommended_by, "validation": res.validation, "notes": res.notes}
+            "recommended_by": res.recommended_by, "validation": res.validation, "notes": res.notes,
+            "trace_hit_rates": res.trace_hit_rates}
 
 
 def write_outputs(res: TuneResult, out_dir: Path, plot: bool = True) -> dict[str, Path]:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 
-from edgemoe.policies import Key
+from edgemoe.policies import DEFAULT_POLICY, Key
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class RunRequest:
     prompts: tuple[str, ...]
     n_tokens: int
     budget_bytes: int | None
-    policy: str = "lru"
+    policy: str = DEFAULT_POLICY
     prefetch: bool = False
     threads: int | None = None
     ctx: int = 512

@@ -3,8 +3,10 @@ under a memory cap.
 
 1. Measure the machine (RAM, cores, GPUs, read speeds of the model file) and the model's fixed
    memory (runtime, dense weights, KV cache).
-2. Record a routing trace on the prompts (and the prefetcher's predictions).
-3. Replay it through every budget x policy x prefetch (edgemoe.simulate): hit rates, bytes read.
+2. Record a routing trace on the prompts (and the prefetcher's predictions); `traces` adds more
+   traces of the same model (a file or a folder, e.g. `edgemoe trace --backend llama` of other text).
+3. Replay them through every budget x policy x prefetch (edgemoe.simulate): hit rates, bytes read
+   (with several traces their sum, and each trace's hit rate for the report).
 4. Calibrate the cost model with real runs (largest eligible budget; one prefetch run) and
    predict tokens/s and peak RSS of every setting; settings over the cap are excluded.
 5. Confirm the best few with real runs (a fresh process each: clean peak RSS), recommend the
@@ -23,8 +25,8 @@ from edgemoe.expert_store import find_experts
 from edgemoe.gguf_file import GGUFFile
 from edgemoe.tune.machine import MachineInfo, probe_machine
 from edgemoe.tune.profile import SELECTABLE_POLICIES
-from edgemoe.simulate import simulate
-from edgemoe.trace import Trace
+from edgemoe.simulate import simulate, total as total_result
+from edgemoe.trace import Trace, TraceError, load_traces
 from edgemoe.tune.cost_model import (CostModel, MemoryPlan, Row, Setting, calibrate, calibrate_prefetch, recommend,
                                 to_confirm)
 from edgemoe.tune.runs import ModelFacts, RunFailed, RunRequest, RunResult, run_facts, run_measure
@@ -57,6 +59,7 @@ class TuneOptions:
     ctx: int = 512
     isolated: bool = True              # each run in a fresh process
     work_dir: Path | None = None       # trace files; default a temporary folder
+    traces: Path | None = None         # more traces of this model to replay beside the recorded one
 
 
 @dataclass
@@ -80,6 +83,8 @@ class TuneResult:
     trace_path: Path | None = None
     threads: int | None = None                           # chosen by the calibration (or --threads)
     calibration_rows: list[Row] = field(default_factory=list)
+    # with several traces: per trace name, each selectable setting's replayed hit rate (Setting.label())
+    trace_hit_rates: dict[str, dict[str, float]] = field(default_factory=dict)
     thread_runs: dict[int, RunResult] = field(default_factory=dict)
 
     @property
@@ -160,8 +165,8 @@ def _sweep(res: TuneResult, budgets: list[int], eligible: list[int], progress) -
     top = Setting(eligible[0], "lru", False)
     res.trace_path = work / "trace.json"
     res.reference_tokens = run_measure(_request(res, top, record_path=str(res.trace_path)), opts.isolated).tokens
-    trace = Trace.load(res.trace_path)
-    predictions = prefetch_schedule(trace)
+    traces = [(res.trace_path, Trace.load(res.trace_path))] + _more_traces(opts.traces, res.facts.expert_bytes)
+    predictions = [prefetch_schedule(t) for _, t in traces]
     progress.advance()
 
     total = res.expert_bytes_total
@@ -171,12 +176,12 @@ def _sweep(res: TuneResult, budgets: list[int], eligible: list[int], progress) -
         demand_only = {}
         for prefetch in (False, True):
             for p in opts.policies:
-                sim = simulate(trace, b, p, prefetch=predictions if prefetch else None)
+                sim = _replay(res, traces, b, p, predictions if prefetch else None)
                 demand_only.setdefault(p, sim)
                 res.rows.append(Row(Setting(b, p, prefetch), b / total, sim, res.memory.need_bytes(b),
                                     demand_only[p] if prefetch else None, excluded=excluded))
                 progress.advance()
-        res.bounds.append(Row(Setting(b, "belady", False), b / total, simulate(trace, b, "belady"),
+        res.bounds.append(Row(Setting(b, "belady", False), b / total, _replay(res, traces, b, "belady", None),
                               res.memory.need_bytes(b), excluded="offline bound: needs the future accesses"))
         progress.advance()
 
@@ -187,6 +192,30 @@ def _sweep(res: TuneResult, budgets: list[int], eligible: list[int], progress) -
     chosen = to_confirm(res.rows, opts.confirm, opts.tolerance)
     progress.stage("confirming with real runs", sum(max(opts.repeats - len(r.runs), 0) for r in chosen))
     _measure_rounds(res, chosen, opts.repeats, progress)
+
+
+def _more_traces(path: Path | None, expert_bytes: dict) -> list:
+    """TuneOptions.traces, checked to be this model's routing (the same experts)."""
+    if path is None:
+        return []
+    traces = load_traces(path)
+    for p, t in traces:
+        if set(t.expert_bytes) != set(expert_bytes):
+            raise TraceError(f"{p} is routing of another model ({t.model}: {len(t.moe_layers)} MoE layers x "
+                             f"{t.n_experts} experts); give traces of the model being tuned")
+    return traces
+
+
+def _replay(res: TuneResult, traces: list, budget: int, policy: str, predictions: list | None):
+    """One setting over every trace: the summed result; each trace's hit rate is kept for the
+    report when there are several."""
+    sims = [simulate(t, budget, policy, prefetch=predictions[i] if predictions else None)
+            for i, (_, t) in enumerate(traces)]
+    if len(traces) > 1 and policy != "belady":
+        label = Setting(budget, policy, predictions is not None).label()
+        for (path, _), sim in zip(traces, sims):
+            res.trace_hit_rates.setdefault(path.name, {})[label] = sim.hit_rate
+    return total_result(sims) if len(sims) > 1 else sims[0]
 
 
 def _measure_rounds(res: TuneResult, rows: list[Row], repeats: int, progress) -> None:
