@@ -100,6 +100,7 @@ class Arena:
                 raise RuntimeError(f"{what}: ggml_backend_view_init failed")
             self.tensors[p.role] = view
         self._frame_parts: dict[int, list[Tensor]] = {}  # repacked: frame -> its parts as whole tensors
+        self._lock = threading.Lock()
         self.free: list[int] = []                          # frames of evicted experts, pages still committed
         self.released: list[int] = list(range(n_frames - 1, -1, -1))  # never used or given back (no pages)
 
@@ -111,12 +112,13 @@ class Arena:
 
     def store(self, i: int, j: int, plain: np.ndarray) -> None:
         """Repacked arenas: part j of frame i := its plain bytes (repacked on the way in)."""
-        parts = self._frame_parts.get(i)
-        if parts is None:
-            parts = self._frame_parts[i] = [
-                self.memory.place(int(p.qtype), (p.cols, p.rows), i * self.frame_bytes + pos, p.nbytes,
-                                  name=f"arena{self.index}.{i}")
-                for p, pos in zip(self.parts, self.positions)]
+        with self._lock:  # loads run on the compute, prefetch and dual threads: one ggml context
+            parts = self._frame_parts.get(i)
+            if parts is None:
+                parts = self._frame_parts[i] = [
+                    self.memory.place(int(p.qtype), (p.cols, p.rows), i * self.frame_bytes + pos, p.nbytes,
+                                      name=f"arena{self.index}.{i}")
+                    for p, pos in zip(self.parts, self.positions)]
         self.memory.store(parts[j], plain)
 
     def release_pages(self, i: int) -> None:

@@ -50,3 +50,17 @@ def test_budget_changes_keep_tokens_and_committed_memory_within_the_budget(model
     finally:
         engine.close()
 
+
+
+def test_prefetch_into_repacked_arenas_changes_no_token(models):
+    """Prefetches load (and repack) frames on their thread while the compute thread loads others."""
+    path = models["q4_k"]
+    full = Engine(path, EngineConfig(n_threads=1))
+    want, total = _tokens(full, 24), full.expert_bytes_total
+    full.close()
+    engine = Engine(path, EngineConfig(n_threads=1, budget_bytes=total // 3, prefetch=True))
+    try:
+        assert _tokens(engine, 24) == want
+        assert engine.cache.arenas.committed_bytes <= total // 3
+    finally:
+        engine.close()
