@@ -15,24 +15,26 @@ def _mib(x: float | None) -> str:
     return "" if x is None else f"{x / 2**20:.3f}"
 
 
-def add_compare_rows(table: Table, rows: list[PredictorResult], total_bytes: int) -> list[str]:
-    """Rows for one budget; returns the notes of predictors that could not be evaluated."""
+def add_compare_rows(table: Table, rows: list[PredictorResult], total_bytes: int, share: str = "") -> list[str]:
+    """Rows for one budget; returns the notes of predictors that could not be evaluated.
+    total_bytes 0: rows combined over traces, each at its own `share`."""
     notes = []
     for r in rows:
         if r.note:
             notes.append(f"{r.predictor}: {r.note}")
         budget, share = ((f"{r.budget_bytes / 2**20:.1f} MiB", f"{100 * r.budget_bytes / total_bytes:.0f}%")
-                         if total_bytes else ("each trace's", "overall"))  # total_bytes 0: traces combined
+                         if total_bytes else ("each trace's", share))
         table.add_row(budget, share, r.policy,
                       r.predictor, _pct(r.precision), _pct(r.recall), _pct(r.hit_rate), _pct(r.belady_hit_rate),
-                      _mib(r.bytes_per_token), _mib(r.prefetch_bytes_per_token), _mib(r.wasted_bytes_per_token))
+                      _mib(r.bytes_per_token), _mib(r.prefetch_bytes_per_token), _mib(r.wasted_bytes_per_token),
+                      f"{r.misses / r.belady_misses:.2f}x" if r.belady_misses and r.hit_rate is not None else "")
     table.add_section()
     return notes
 
 
 def compare_table() -> Table:
     return Table("budget", "share", "policy", "predictor", "precision %", "recall %", "hit %", "belady hit %",
-                 "MiB read/tok", "prefetch MiB/tok", "wasted MiB/tok")
+                 "MiB read/tok", "prefetch MiB/tok", "wasted MiB/tok", "demand misses vs belady")
 
 
 def bench_table(runs: list[PredictorRun]) -> Table:

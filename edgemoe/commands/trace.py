@@ -109,7 +109,7 @@ def _compare_predictors(args: argparse.Namespace, traces, specs: list[str], budg
     policy = (args.policy or [DEFAULT_POLICY])[0]
     tables = {path.name: compare_table() for path, _ in traces}
     overall, notes = compare_table(), []
-    for j, _ in enumerate(specs):
+    for j, spec in enumerate(specs):
         per_trace = []
         for path, t in traces:
             rows = compare_predictors(t, budgets[path][j], predictor_file=args.predictor, policy=policy,
@@ -117,7 +117,7 @@ def _compare_predictors(args: argparse.Namespace, traces, specs: list[str], budg
             notes += add_compare_rows(tables[path.name], rows, sum(t.expert_bytes.values()))
             per_trace.append(rows)
         if len(traces) > 1:
-            add_compare_rows(overall, [combine(list(rows)) for rows in zip(*per_trace)], 0)
+            add_compare_rows(overall, [combine(list(rows)) for rows in zip(*per_trace)], 0, spec)
     for name, table in tables.items():
         table.title = f"{name}: precision/recall over every (token, MoE layer) target; belady = demand-only optimum"
         console.print(table)
