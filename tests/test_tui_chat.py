@@ -141,6 +141,9 @@ async def test_change_budget_and_policy_while_running(backend, monkeypatch):
         assert backend.engine.cache.budget_bytes == int(total * 0.25)
         assert any("largest expert" in m for m in shown)
 
+        assert backend.policy == "split"  # the default
+        await pilot.press("f7")  # F7 cycles through the live policies
+        assert backend.policy == "lru"
         await pilot.press("f7")
         assert backend.policy == "lfu"
         await send(pilot, app, "The os module")

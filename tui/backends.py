@@ -14,9 +14,10 @@ from edgemoe.errors import InputError
 from edgemoe.events import CacheStats, StepEvent
 from edgemoe.gguf_file import GGUFFile
 from edgemoe.inspect_model import ModelSummary, summarize
+from edgemoe.policies import ONLINE_POLICIES
 from edgemoe.tui.prompt import Sampling, Vocab
 
-LIVE_POLICIES = ("lru", "lfu", "hybrid", "random")  # belady needs a recorded future: not switchable live
+LIVE_POLICIES = ONLINE_POLICIES  # belady needs a recorded future: not switchable live
 CLOSE_WAIT_S = 60.0  # how long closing waits for a token in flight (a big model's token can take seconds)
 
 
