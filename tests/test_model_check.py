@@ -1,6 +1,6 @@
 """A file whose tensors disagree with its hyper-parameters is refused when the model opens, with one
 ModelFileError naming the file, the tensor and the value (edgemoe.model_check); and the native
-guards (edgemoe.native.tensors) raise where ggml would assert.
+guards (edgemoe.native.ops, graph, tensors) raise where ggml would assert.
 
 Each crafted file below is a tiny checkpoint (models/tiny.py) converted to f32 with one edit. With
 the checks disabled, `edgemoe generate` on each aborted inside ggml (SIGABRT in
@@ -22,7 +22,6 @@ import pytest
 import tiny_files
 from edgemoe.gguf_file import GGUFFile, ModelFileError
 from edgemoe.model_check import check_model
-from edgemoe.native.tensors import Graph
 from gguf_edit import set_kv, set_tensor_dims, set_tensor_type
 
 
@@ -115,63 +114,6 @@ def test_many_mla_heads_run(tmp_path):
     assert done.stdout.startswith("[")
 
 
-_NATIVE_GUARDS = textwrap.dedent("""
-    import numpy as np
-    from gguf import GGMLQuantizationType as QT
-    from edgemoe.native.backend import CpuBackend
-    from edgemoe.native.tensors import Graph, Weight, aligned_empty
-
-    def weight(rows, cols, qtype=QT.F32):
-        buf = aligned_empty(rows * cols * 4)
-        buf[:] = 0
-        return Weight(buf, qtype, rows, cols, name=f"w{rows}x{cols}")
-
-    def expect(what, exc, f):
-        try:
-            f()
-        except exc as e:
-            print(what, "raised", type(e).__name__, e, flush=True)
-        else:
-            print(what, "did not raise", flush=True)
-
-    backend, x = CpuBackend(1), np.ones((2, 32), np.float32)
-    def matmul_width():
-        with Graph(backend) as g:
-            g.matmul(weight(8, 16), g.input(x))
-    def swiglu_shapes():
-        with Graph(backend) as g:
-            xin = g.input(x)
-            g.swiglu(g.matmul(weight(8, 32), xin), g.matmul(weight(4, 32), xin))
-    def add_broadcast():
-        with Graph(backend) as g:
-            xin = g.input(x)
-            g.add(g.matmul(weight(8, 32), xin), g.matmul(weight(3, 32), xin))
-    def leaves():  # HeadLinear with one head too many: a weight and an input leaf per head
-        ws = [weight(32, 32) for _ in range(Graph.MAX_NODES // 2 + 1)]
-        with Graph(backend) as g:
-            g.compute([(g.matmul(w, g.input(x)), (2, 32)) for w in ws])
-    expect("matmul width", ValueError, matmul_width)
-    expect("swiglu shapes", ValueError, swiglu_shapes)
-    expect("add broadcast", ValueError, add_broadcast)
-    expect("graph leaves", RuntimeError, leaves)
-    expect("i32 weight", ValueError, lambda: weight(32, 32, QT.I32))
-    ws = [weight(32, 32) for _ in range(Graph.MAX_NODES // 2)]  # exactly at the limit: runs
-    with Graph(backend) as g:
-        ys = g.compute([(g.matmul(w, g.input(x)), (2, 32)) for w in ws])
-    print("at the limit", len(ys), float(sum(y.sum() for y in ys)))
-""")
-
-
-def test_native_guards_raise_where_ggml_would_abort():
-    done = subprocess.run([sys.executable, "-c", _NATIVE_GUARDS], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    lines = done.stdout.splitlines()
-    assert len(lines) == 6 and all(" raised " in line for line in lines[:5]), done.stdout
-    assert "w8x16: the input has 32 values per row" in lines[0]
-    assert lines[3].startswith("graph leaves raised RuntimeError graph too large")
-    assert lines[5] == f"at the limit {Graph.MAX_NODES // 2} 0.0"
-
-
 _GENERATE_EACH = textwrap.dedent("""
     import contextlib, io, json, sys
     from edgemoe.cli import main
@@ -210,12 +152,8 @@ def test_extended_expert_of_a_type_ggml_cannot_multiply_is_refused(tmp_path):
         check_model(GGUFFile(path))
 
 
-_OPS_GUARDS = textwrap.dedent("""
-    from gguf import GGMLQuantizationType as QT
-    from edgemoe.native import ops
-    from edgemoe.native.backend import CpuBackend
-    from edgemoe.native.graph import Graph
-
+# A guard script runs in a child (an abort kills only the child); each `expect` prints one line.
+_EXPECT = textwrap.dedent("""
     def expect(what, f):
         try:
             f()
@@ -223,11 +161,29 @@ _OPS_GUARDS = textwrap.dedent("""
             print(what, "raised", e, flush=True)
         else:
             print(what, "did not raise", flush=True)
+""")
+
+
+def _child_lines(script: str) -> list[str]:
+    """The script's output lines, run in a child; it must exit 0 (no abort, no segfault)."""
+    done = subprocess.run([sys.executable, "-c", _EXPECT + script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.splitlines()
+
+
+_OPS_GUARDS = textwrap.dedent("""
+    from gguf import GGMLQuantizationType as QT
+    from edgemoe.native import ops
+    from edgemoe.native.backend import CpuBackend
+    from edgemoe.native.graph import Graph
 
     with Graph(CpuBackend(1), "guards", 64) as g:
         x = g.input(ops.F32, (32, 2))
         expect("i32 weight", lambda: g.mul_mat(g.input(int(QT.I32), (32, 8)), x))
         expect("matmul width", lambda: g.mul_mat(g.input(ops.F32, (16, 8)), x))
+        gate, up = g.input(ops.F32, (8, 2)), g.input(ops.F32, (4, 2))
+        expect("swiglu shapes", lambda: g.swiglu(gate, up))
+        expect("add broadcast", lambda: g.add(gate, g.input(ops.F32, (3, 2))))
         q, pos = g.input(ops.F32, (64, 4, 2)), g.input(ops.I32, (2,))
         expect("rope 0 dims", lambda: g.rope(q, pos, ops.RopeParams(0, False, 10000.0)))
         expect("rope odd dims", lambda: g.rope(q, pos, ops.RopeParams(3, False, 10000.0)))
@@ -237,12 +193,78 @@ _OPS_GUARDS = textwrap.dedent("""
 
 def test_graph_ops_refuse_what_ggml_would_abort_or_hang_on():
     """The engine's graph ops (edgemoe.native.ops): a weight type without a CPU dot product
-    (segfault), widths that disagree (abort), RoPE over 0 dims (hang) or an odd count."""
-    done = subprocess.run([sys.executable, "-c", _OPS_GUARDS], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    lines = done.stdout.splitlines()
-    assert len(lines) == 5 and all(" raised ggml op refused before native code" in line for line in lines[:4]), lines
-    assert "ggml type 26" in lines[0] and lines[4] == "rope 64 dims (64, 4, 2, 1)"
+    (segfault), widths that disagree (abort: ggml_can_mul_mat), swiglu operands of two shapes and
+    an operand that does not broadcast (abort: ggml_are_same_shape, ggml_can_repeat), RoPE over 0
+    dims (hang) or an odd count."""
+    lines = _child_lines(_OPS_GUARDS)
+    assert len(lines) == 7 and all(" raised ggml op refused before native code" in line for line in lines[:6]), lines
+    assert "ggml type 26" in lines[0] and "mul_mat of ne (16, 8, 1, 1) and (32, 2, 1, 1)" in lines[1]
+    assert "swiglu of ne (8, 2, 1, 1) and (4, 2, 1, 1)" in lines[2] and "add of ne (8, 2, 1, 1) and (3, 2" in lines[3]
+    assert lines[6] == "rope 64 dims (64, 4, 2, 1)"
+
+
+_GRAPH_LIMIT = textwrap.dedent("""
+    import numpy as np
+    from edgemoe.native import ops
+    from edgemoe.native.backend import CpuBackend
+    from edgemoe.native.buffers import Buffer
+    from edgemoe.native.graph import Graph
+
+    # 32x32 weights outside the graph (leaves of it, as a model's are); the graph's own tensors are
+    # x and one matmul per weight: 56 of them fit a graph of 64 (8 are kept for ggml's own)
+    backend, n = CpuBackend(1), 56
+    weights = Buffer(backend, {f"w{j}": (ops.F32, (32, 32)) for j in range(n)})
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((n, 32, 32), dtype=np.float32)
+    for j in range(n):
+        weights.lib.ggml_backend_tensor_set(weights[f"w{j}"].ptr, w[j].ctypes.data, 0, w[j].nbytes)
+    xs = rng.standard_normal((2, 32), dtype=np.float32)
+    with Graph(backend, "limit", max_tensors=64) as g:
+        x = g.input(ops.F32, (32, 2))
+        ys = [g.output(g.mul_mat(weights[f"w{j}"], x)) for j in range(n - 1)]
+        try:
+            g.mul_mat(weights[f"w{n - 1}"], x)
+        except RuntimeError as e:
+            print("past the limit raised", e, flush=True)
+        g.feed(x, xs)
+        g.compute()
+        err = max(float(np.abs(g.read(y) - xs @ w[j].T).max()) for j, y in enumerate(ys))
+    print("at the limit", len(ys), err < 1e-4)
+""")
+
+
+def test_a_graph_past_its_tensor_count_raises_and_one_at_it_computes():
+    """The first engine's graphs aborted on one leaf too many (GGML_ASSERT(cgraph->n_leafs <
+    cgraph->size)); a graph now stops at its tensor count (its size is 4x that, for the leaves)."""
+    lines = _child_lines(_GRAPH_LIMIT)
+    assert lines[0].startswith("past the limit raised graph 'limit' needs more than 64 tensors"), lines
+    assert lines[1:] == ["at the limit 55 True"]
+
+
+_WEIGHT_GUARDS = textwrap.dedent("""
+    import numpy as np
+    from gguf import GGMLQuantizationType as QT
+    from edgemoe.native.tensors import Weight, aligned_empty
+
+    buf = aligned_empty(32 * 32 * 4 + 64)
+    expect("i32 weight", lambda: Weight(buf[:4096], QT.I32, 32, 32, "w"))
+    expect("short bytes", lambda: Weight(buf[:4000], QT.F32, 32, 32, "w"))
+    expect("misaligned", lambda: Weight(buf[4:4100], QT.F32, 32, 32, "w"))
+    buf[:] = 0
+    w = Weight(buf[32:4128], QT.F32, 32, 32, "w")
+    print("aligned", w.rows, w.cols, bool(w.tensor))
+    w.close()
+""")
+
+
+def test_expert_weights_refuse_what_ggml_would_abort_on():
+    """A resident expert's matrices (edgemoe.native.tensors.Weight, over the cache's bytes): a type
+    without a CPU dot product, bytes that are not the matrix's size, memory not 32-byte aligned
+    (abort in ggml_backend_cpu_buffer_from_ptr)."""
+    lines = _child_lines(_WEIGHT_GUARDS)
+    assert len(lines) == 4 and all(" raised w: " in line for line in lines[:3]), lines
+    assert "cannot multiply a I32" in lines[0] and "4000 bytes given" in lines[1] and "aligned" in lines[2]
+    assert lines[3] == "aligned 32 32 True"
 
 
 def test_a_layer_count_past_the_tensors_is_refused_at_once(tmp_path):
