@@ -16,6 +16,11 @@ from edgemoe.native.ops import Ops, Tensor
 ALIGNMENT = 32  # ggml_backend_cpu_buffer_from_ptr asserts 32-byte alignment
 
 
+def check_aligned(address: int, what: str) -> None:
+    if address % ALIGNMENT:
+        raise ValueError(f"{what}: memory at {address:#x} is not {ALIGNMENT}-byte aligned")
+
+
 class StoredTensors:
     """A ggml context of tensors (no data of its own) and the one buffer holding their bytes."""
     ctx = buffer = None
@@ -38,8 +43,7 @@ class PlacedTensors(StoredTensors):
     """ggml tensors placed at offsets of one buffer's memory [address, address + nbytes)."""
 
     def _init(self, buffer: int, address: int, nbytes: int, max_tensors: int, what: str) -> None:
-        if address % ALIGNMENT:
-            raise ValueError(f"{what}: memory at {address:#x} is not {ALIGNMENT}-byte aligned")
+        check_aligned(address, what)
         self.lib, self.what = ops.lib(), what
         self.buffer, self.address, self.nbytes = buffer, address, nbytes
         self.ctx = self.lib.ggml_init(InitParams(self.lib.ggml_tensor_overhead() * max_tensors, None, True))
@@ -72,6 +76,7 @@ class HostTensors(PlacedTensors):
     The caller keeps the memory mapped while this object (and any graph using its tensors) lives."""
 
     def __init__(self, address: int, nbytes: int, max_tensors: int, what: str):
+        check_aligned(address, what)  # before the buffer: ggml_backend_cpu_buffer_from_ptr asserts it
         buffer = ops.lib().ggml_backend_cpu_buffer_from_ptr(ctypes.c_void_p(address), nbytes)
         if not buffer:
             raise MemoryError(f"{what}: ggml_backend_cpu_buffer_from_ptr failed")

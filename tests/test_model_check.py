@@ -244,9 +244,11 @@ def test_a_graph_past_its_tensor_count_raises_and_one_at_it_computes():
 _WEIGHT_GUARDS = textwrap.dedent("""
     import numpy as np
     from gguf import GGMLQuantizationType as QT
+    from edgemoe.native.buffers import HostTensors
     from edgemoe.native.tensors import Weight, aligned_empty
 
     buf = aligned_empty(32 * 32 * 4 + 64)
+    expect("host misaligned", lambda: HostTensors(buf.ctypes.data + 4, 4096, 1, "h"))
     expect("i32 weight", lambda: Weight(buf[:4096], QT.I32, 32, 32, "w"))
     expect("short bytes", lambda: Weight(buf[:4000], QT.F32, 32, 32, "w"))
     expect("misaligned", lambda: Weight(buf[4:4100], QT.F32, 32, 32, "w"))
@@ -257,14 +259,17 @@ _WEIGHT_GUARDS = textwrap.dedent("""
 """)
 
 
-def test_expert_weights_refuse_what_ggml_would_abort_on():
-    """A resident expert's matrices (edgemoe.native.tensors.Weight, over the cache's bytes): a type
-    without a CPU dot product, bytes that are not the matrix's size, memory not 32-byte aligned
-    (abort in ggml_backend_cpu_buffer_from_ptr)."""
+def test_tensors_over_our_memory_refuse_what_ggml_would_abort_on():
+    """Tensors over memory we own (native.buffers.HostTensors: expert arenas, a file's memmap) and a
+    resident expert's matrices (native.tensors.Weight): memory not 32-byte aligned (HostTensors
+    asked ggml for the buffer before checking: SIGABRT in ggml_backend_cpu_buffer_from_ptr,
+    measured), a type without a CPU dot product, bytes that are not the matrix's size."""
     lines = _child_lines(_WEIGHT_GUARDS)
-    assert len(lines) == 4 and all(" raised w: " in line for line in lines[:3]), lines
-    assert "cannot multiply a I32" in lines[0] and "4000 bytes given" in lines[1] and "aligned" in lines[2]
-    assert lines[3] == "aligned 32 32 True"
+    assert len(lines) == 5 and lines[0].startswith("host misaligned raised h: memory at 0x"), lines
+    assert "is not 32-byte aligned" in lines[0]
+    assert all(" raised w: " in line for line in lines[1:4]), lines
+    assert "cannot multiply a I32" in lines[1] and "4000 bytes given" in lines[2] and "aligned" in lines[3]
+    assert lines[4] == "aligned 32 32 True"
 
 
 def test_a_layer_count_past_the_tensors_is_refused_at_once(tmp_path):
