@@ -21,20 +21,16 @@ These are the CPU backend's arenas; a device backend would need device buffers a
 from __future__ import annotations
 
 import mmap
-import sys
 import threading
 
 import numpy as np
 
+from edgemoe.dma_buffers import aligned_anonymous
 from edgemoe.expert_store import PAGE_BYTES, ExpertSpec, ResidentExpert
 from edgemoe.native import repack
 from edgemoe.native.buffers import HostTensors
 from edgemoe.native.ops import Tensor
 from edgemoe.policies import Key
-
-# reserve address space without committing memory (Python's mmap module names it from 3.12 on; the
-# value is Linux's on every architecture)
-_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
 
 
 def signature(spec: ExpertSpec) -> tuple:
@@ -55,13 +51,14 @@ class _Mapped:
     repacked = False
 
     def __init__(self, size: int, max_tensors: int, what: str):
-        self.memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
-        self.array = np.frombuffer(self.memory, dtype=np.uint8)
+        # huge pages: the loader's O_DIRECT reads land here (edgemoe/dma_buffers.py)
+        self.memory, self.start = aligned_anonymous(size)
+        self.array = np.frombuffer(self.memory, dtype=np.uint8, count=size, offset=self.start)
         self.host = HostTensors(self.array.ctypes.data, size, max_tensors, what)
         self.ops, self.lib, self.place = self.host.ops, self.host.lib, self.host.place
 
     def release(self, offset: int, nbytes: int) -> None:
-        self.memory.madvise(mmap.MADV_DONTNEED, offset, nbytes)
+        self.memory.madvise(mmap.MADV_DONTNEED, self.start + offset, nbytes)
 
     def close(self) -> None:
         self.host.close()

@@ -14,6 +14,7 @@ import os
 import sys
 from dataclasses import dataclass
 
+from edgemoe.dma_buffers import HUGE_PAGE, advise_huge
 from edgemoe.errors import EdgemoeError
 
 PAGE = mmap.PAGESIZE
@@ -65,11 +66,21 @@ def _fail(call: str, addr: int, size: int) -> OSError:
 
 
 def map_anonymous(size: int, populate: bool = True) -> int:
-    """Private anonymous read/write pages; `populate` faults them all in now (once)."""
+    """Private anonymous read/write pages; `populate` faults them all in now (once). A huge page
+    or more starts at a 2 MiB boundary with huge pages asked for: O_DIRECT fills of physically
+    contiguous memory go out as 4 MiB requests, ~3x faster here (edgemoe/dma_buffers.py)."""
     _check("map_anonymous size", size)
-    addr = libc().mmap(None, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+    pad = HUGE_PAGE if size >= HUGE_PAGE else 0
+    addr = libc().mmap(None, size + pad, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
     if addr in (None, MAP_FAILED):
-        raise _fail("mmap", 0, size)
+        raise _fail("mmap", 0, size + pad)
+    if pad:  # keep the aligned [start, start+size) and give the rest back
+        start = addr + (-addr) % HUGE_PAGE
+        for lo, n in ((addr, start - addr), (start + size, addr + pad - start)):
+            if n:
+                unmap(lo, n)
+        addr = start
+        advise_huge(libc(), addr, size)
     if populate and libc().madvise(addr, size, MADV_POPULATE_WRITE) != 0:
         ctypes.memset(addr, 0, size)  # before Linux 5.14: touch every page by hand
     return addr

@@ -18,6 +18,7 @@ import threading
 
 import numpy as np
 
+from edgemoe.dma_buffers import aligned_anonymous
 from edgemoe.native import ops
 from edgemoe.native.buffers import PlacedTensors
 from edgemoe.native.lib import InitParams, ggml_cpu
@@ -137,8 +138,7 @@ def staging(nbytes: int) -> np.ndarray:
     """This thread's reusable page-aligned buffer, of nbytes (a matrix's plain bytes before they are
     repacked; it grows to the largest matrix a thread loads and stays: no page faults per load)."""
     buf = getattr(_staging, "buf", None)
-    if buf is None or buf.nbytes < nbytes:
-        raw = np.empty(nbytes + _PAGE, dtype=np.uint8)
-        start = (-raw.ctypes.data) % _PAGE
-        _staging.buf = buf = raw[start:start + nbytes]
+    if buf is None or buf.nbytes < nbytes:  # huge pages: the loader's O_DIRECT reads land here
+        memory, start = aligned_anonymous(max(nbytes, _PAGE))
+        _staging.buf = buf = np.frombuffer(memory, dtype=np.uint8, count=max(nbytes, _PAGE), offset=start)
     return buf[:nbytes]
