@@ -11,7 +11,7 @@ the slots out and map the file back. The prefetcher loads the next layer's predi
 the background within the budget: router speculation reads `ffn_norm-<layer>` (the MoE input)
 from the same callback and applies the next layer's router to it.
 
-    rt = BudgetedLlama(path, BudgetedConfig(budget_bytes=2 << 30, policy="lru", prefetch=True))
+    rt = BudgetedLlama(path, BudgetedConfig(budget_bytes=2 << 30, policy="split", prefetch=True))
     for event in rt.stream_generate("def f(x):", 32): ...   # StepEvents with CacheStats
     rt.close()
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,7 +34,8 @@ from edgemoe.gguf_file import GGUFFile, ModelFileError
 from edgemoe.llama_backend import RoutingTap, open_llama, stream_generate
 from edgemoe.llama_pages import PAGE, Mapping, file_mappings, mapping_rss_bytes, probe_dontunmap, resident_pages
 from edgemoe.llama_slots import ExpertPages, MappedExperts, expert_pages, expert_runs, page_runs
-from edgemoe.policies import Key, make_policy
+from edgemoe.policies import DEFAULT_POLICY, Key, make_policy
+from edgemoe.predictor.base import DEFAULT_PREDICTOR
 from edgemoe.residency import BudgetError
 
 LLAMA_LAZY_MODE_OFF = 0  # llama.cpp's own on-demand row reads would bypass our mapping
@@ -46,9 +48,9 @@ class LlamaApiMissing(EdgemoeError, RuntimeError):
 @dataclass(frozen=True)
 class BudgetedConfig:
     budget_bytes: int
-    policy: str = "lru"
+    policy: str = DEFAULT_POLICY
     prefetch: bool = False
-    predictor: str = "router"          # none | router | prior | learned (see edgemoe/predictor)
+    predictor: str = DEFAULT_PREDICTOR  # none | router | prior | cooccur | learned (see edgemoe/predictor)
     predictor_path: str | None = None  # the learned predictor's .onnx
     n_ctx: int = 512
     seed: int = 0
@@ -176,11 +178,12 @@ class MappedExpertCache(ExpertCache):
     def _load(self, keys: list[Key]):
         return self.pages.place(keys)
 
-    def stream(self, keys: list[Key]) -> None:
-        """Accesses served from the file this once (no room beside the layer's other experts)."""
+    def stream(self, keys: list[Key], n_slots: list[int]) -> None:
+        """Accesses by `n_slots` tokens each, served from the file this once (no room beside the
+        layer's other experts)."""
         with self.cond:
-            for key in keys:
-                self.state.touch(key)
+            for key, n in zip(keys, n_slots):
+                self.state.touch(key, n)
                 self.state.c.misses += 1
                 self.state.c.bytes_read += sum(n for _, n in self.pages.geometry[key].interiors)
         self.pages.stream(keys)
@@ -311,15 +314,16 @@ class BudgetedLlama:
         """Layer `layer` routed its tokens to ids [T, k]: its experts must be in place before
         this returns; the previous layer's are done, so they are released."""
         self._finish_layer()
-        keys = sorted({(layer, e) for row in ids for e in row})
+        slots = Counter((layer, e) for row in ids for e in row)  # the tokens routed to each expert
+        keys = sorted(slots)
         if self.prefetcher is not None:  # a wrong guess for this layer must not hold up its demand reads
             self.cache.cancel_prefetches(layer, set(keys))
         fit, rest = self._split(keys)
         if fit:
-            self.cache.acquire_many(fit)
+            self.cache.acquire_many(fit, [slots[k] for k in fit])
             self._pinned = fit
         if rest:
-            self.cache.stream(rest)
+            self.cache.stream(rest, [slots[k] for k in rest])
             self._streamed = rest
         if self.prefetcher is not None:
             import torch

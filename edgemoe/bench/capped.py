@@ -26,6 +26,7 @@ from edgemoe.bench.capped_run import RunMeasure, RunSpec
 from edgemoe.bench.cgroup import CgroupUsage, MemoryCgroup
 from edgemoe.bench.pagecache import drop_file_cache
 from edgemoe.errors import InputError
+from edgemoe.policies import DEFAULT_POLICY
 
 PROBE_STREAMS, PROBE_BLOCK_BYTES, PROBE_MAX_S = 4, 8 * 2**20, 3.0
 # which configurations `--runs` names; plain llama.cpp ones are the baseline the ratio is taken against
@@ -45,7 +46,7 @@ class CappedOptions:
     n_ctx: int = 256
     runs: tuple[str, ...] = RUN_NAMES
     budget_bytes: int | None = None    # managed runs; None: each the largest its memory plan fits under the cap
-    policy: str = "lru"
+    policy: str = DEFAULT_POLICY
     prefetch: bool = False
     reference: bool = True             # measure compute per token on a warm, uncapped run
     cgroup_root: Path | None = None    # where groups are made (default: below this process's own cgroup)

@@ -17,6 +17,8 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from edgemoe.policies import DEFAULT_POLICY
+
 BACKENDS = ("llama", "edgemoe", "llama-budget")
 
 
@@ -35,7 +37,7 @@ class RunSpec:
     warm: bool = False            # the file is read into the page cache first (the compute reference run)
     budget_bytes: int | None = None  # managed backends: expert budget (None: the largest under cap_bytes)
     cap_bytes: int | None = None     # the cgroup's cap, which picks the budget as `generate --max-memory` does
-    policy: str = "lru"
+    policy: str = DEFAULT_POLICY
     prefetch: bool = False
 
 
