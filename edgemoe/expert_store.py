@@ -18,7 +18,8 @@ from gguf import GGMLQuantizationType as QT
 
 from edgemoe.gguf_file import GGUFFile, ModelFileError
 from edgemoe.layout import ROLES, expert_tensor_name, is_extended, read_layout
-from edgemoe.native.tensors import ALIGNMENT, Weight, aligned_empty
+from edgemoe.native.buffers import ALIGNMENT
+from edgemoe.native.tensors import Weight, aligned_empty
 
 _STOCK = {"gate": "ffn_gate_exps", "up": "ffn_up_exps", "down": "ffn_down_exps"}
 PAGE_BYTES = mmap.PAGESIZE  # a resident copy is whole pages (ExpertSpec.alloc_bytes)

@@ -23,7 +23,7 @@ VOCAB_KEY = "tokenizer.ggml.tokens"
 # gguf-py 0.19 sizes Q8_1 blocks at 40 bytes, ggml at 36: its byte counts cannot be trusted. It is
 # an activation type that no converter writes for weights.
 _SIZE_DISAGREES = {QT.Q8_1}
-TENSOR_ALIGNMENT = 32  # ggml_backend_cpu_buffer_from_ptr's requirement (edgemoe.native.tensors.ALIGNMENT)
+TENSOR_ALIGNMENT = 32  # ggml_backend_cpu_buffer_from_ptr's requirement (edgemoe.native.buffers.ALIGNMENT)
 
 
 class ModelFileError(EdgemoeError):

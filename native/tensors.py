@@ -5,16 +5,12 @@ the process on a failed assertion instead of raising.
 """
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-from edgemoe.native.lib import InitParams, ggml_base
+from edgemoe.native.buffers import HostTensors
 from edgemoe.native.ops import NO_MATMUL  # weight types ggml cannot multiply (it segfaults)
 from edgemoe.native.quant import row_bytes
-
-ALIGNMENT = 32  # ggml_backend_cpu_buffer_from_ptr asserts 32-byte alignment
 
 
 def aligned_empty(nbytes: int) -> np.ndarray:
@@ -24,8 +20,9 @@ def aligned_empty(nbytes: int) -> np.ndarray:
     return raw[start:start + nbytes]
 
 
-class Weight:
-    """A [rows=out_features, cols=in_features] matrix in `qtype`, over caller-owned bytes.
+class Weight(HostTensors):
+    """A [rows=out_features, cols=in_features] matrix in `qtype`, over caller-owned bytes: one
+    tensor (`tensor`, ggml ne (cols, rows)) placed in a buffer over them.
 
     The caller keeps `data` alive and unchanged while this object is used.
     """
@@ -38,27 +35,6 @@ class Weight:
             raise ValueError(f"{name}: weight bytes must be a contiguous 1-D uint8 array")
         if data.nbytes != expected:
             raise ValueError(f"{name}: {data.nbytes} bytes given, {qtype.name} [{rows}x{cols}] needs {expected}")
-        if data.ctypes.data % ALIGNMENT:
-            raise ValueError(f"{name}: weight bytes at {data.ctypes.data:#x} are not {ALIGNMENT}-byte aligned")
-        self.lib = ggml_base()
         self.data, self.qtype, self.rows, self.cols, self.name = data, qtype, rows, cols, name
-        self.ctx = self.lib.ggml_init(InitParams(self.lib.ggml_tensor_overhead() + 256, None, True))
-        self.tensor = self.lib.ggml_new_tensor_2d(self.ctx, int(qtype), cols, rows)
-        if self.lib.ggml_nbytes(self.tensor) != expected:
-            raise ValueError(f"{name}: ggml computes {self.lib.ggml_nbytes(self.tensor)} bytes, expected {expected}")
-        self.buffer = self.lib.ggml_backend_cpu_buffer_from_ptr(ctypes.c_void_p(data.ctypes.data), expected)
-        status = self.lib.ggml_backend_tensor_alloc(self.buffer, self.tensor, ctypes.c_void_p(data.ctypes.data))
-        if status != 0:
-            raise RuntimeError(f"{name}: ggml_backend_tensor_alloc failed with status {status}")
-
-    def close(self) -> None:
-        if self.ctx:
-            self.lib.ggml_backend_buffer_free(self.buffer)
-            self.lib.ggml_free(self.ctx)
-            self.ctx = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
+        super().__init__(data.ctypes.data, expected, max_tensors=1, what=name)
+        self.tensor = self.place(int(qtype), (cols, rows), 0, expected).ptr
