@@ -2,7 +2,9 @@
 produces exactly the tokens the HF tokenizer does.
 
 Two families: byte-level BPE from tokenizer.json (`tokenizer.ggml.model = "gpt2"`) and
-SentencePiece from tokenizer.model (`"llama"`, as Mixtral uses).
+SentencePiece from tokenizer.model (`"llama"`, as Mixtral uses). Special token ids and the chat
+template (tokenizer_config.json's `chat_template`, which `edgemoe serve` and `edgemoe chat` render)
+are written by gguf-py's SpecialVocab, as llama.cpp's converter does (docs/FORMAT.md).
 """
 from __future__ import annotations
 
