@@ -10,6 +10,9 @@ before it starts. A run the kernel's OOM killer ends is reported as killed, not 
 The bound of a run: its device bytes read per decode token / probed bandwidth + the compute
 per token, i.e. what this machine could decode at if every byte the run had to read arrived at
 the disk's parallel bandwidth and nothing else cost time (docs/BENCHMARKS.md).
+
+An extended-layout file (mixed precision, compressed) runs in the engine only: its llama.cpp runs
+(and the llama.cpp compute reference, so its bound) are reported as skipped, with the reason.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from edgemoe.bench.capped_run import RunMeasure, RunSpec
+from edgemoe.bench.engine_only import llama_skip_reason
 from edgemoe.bench.cgroup import CgroupUsage, MemoryCgroup
 from edgemoe.bench.pagecache import drop_file_cache
 from edgemoe.errors import InputError
@@ -34,6 +38,7 @@ PLAIN_LLAMA = {"llama": dict(repack=True, lazy=False, label="llama.cpp defaults 
                "llama-norepack": dict(repack=False, lazy=False, label="llama.cpp mmap, no repack"),
                "llama-lazy": dict(repack=False, lazy=True, label="llama.cpp mmap, no repack, lazy")}
 MANAGED = {"edgemoe": "edgemoe engine", "llama-budget": "llama.cpp + edgemoe cache"}  # the latter: llama_budget.py
+ENGINE_RUNS = ("edgemoe",)  # the runs an extended-layout file has (llama.cpp computes every other one)
 RUN_NAMES = (*PLAIN_LLAMA, *MANAGED)
 
 
@@ -57,8 +62,8 @@ class CappedOptions:
 class CappedResult:
     label: str
     name: str                   # the --runs name ("reference" for the compute run)
-    status: str                 # "ok", "oom-killed", "failed", "timed out"
-    detail: str = ""            # stderr tail of a failed run
+    status: str                 # "ok", "oom-killed", "failed", "timed out", "skipped"
+    detail: str = ""            # stderr tail of a failed run; why a run was skipped
     budget_bytes: int | None = None
     cold_resident_bytes: int = 0  # bytes of the file still in the page cache after the drop
     usage: CgroupUsage | None = None
@@ -151,15 +156,18 @@ def run_capped(models: list[Path], opts: CappedOptions, on_result=None, on_model
         report = ModelReport(str(model), size, bps, method, where)
         on_model and on_model(report)
         specs = configurations(model, opts)
+        skipped = llama_skip_reason(model)
         if opts.reference:
-            report.reference_note = _reference_room(size)
+            report.reference_note = (f"no llama.cpp compute reference ({skipped}); no bound printed" if skipped
+                                     else _reference_room(size))
             if not report.reference_note:
                 base = replace(specs[0], label="reference: llama.cpp mmap, no repack, warm, uncapped", backend="llama",
                                repack=False, lazy=False, warm=True, budget_bytes=None)
                 report.reference = run_one("reference", base, None, opts)
                 on_result and on_result(report, report.reference)
         for name, spec in zip(_selected(opts), specs):
-            result = run_one(name, spec, opts.cap_bytes, opts)
+            result = CappedResult(spec.label, name, "skipped", skipped) if skipped and name not in ENGINE_RUNS \
+                else run_one(name, spec, opts.cap_bytes, opts)
             report.results.append(result)
             on_result and on_result(report, result)
         reports.append(report)

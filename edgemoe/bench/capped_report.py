@@ -65,6 +65,8 @@ def results_table(report: ModelReport) -> Table:
 def _cold(r: CappedResult) -> str:
     """mincore's count of the file's cached bytes as the child started (after the drop; the
     drop's own count where the child reported nothing): 'cold' when none were left."""
+    if r.status == "skipped":
+        return ""
     cached = r.measure.start_resident_bytes if r.measure else r.cold_resident_bytes
     return "cold" if cached == 0 else f"{cached / MIB:.1f} MiB cached"
 

@@ -3,7 +3,8 @@
 For each model: llama.cpp's prefill and decode tokens/s, then the edgemoe engine at full
 expert budget and at smaller shares of the expert bytes, with hit rates next to Belady's
 (replayed on the routing recorded at full budget: same prompt, same tokens) and where each
-millisecond of a decode token goes.
+millisecond of a decode token goes. An extended-layout file (mixed precision, compressed) runs in
+the engine only: its llama.cpp row says it was skipped and why, and it has no ratio.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from edgemoe.bench.engine_only import llama_skip_reason
 from edgemoe.engine import Engine, EngineConfig
 from edgemoe.llama_backend import open_llama, stream_generate
 from edgemoe.memory import peak_rss_bytes, reset_peak_rss
@@ -27,13 +29,14 @@ class BenchRow:
     budget_share: float           # of all expert bytes (1.0 for llama.cpp)
     prefill_tps: float
     decode_tps: float
-    ratio_vs_llama: float          # decode tokens/s / llama.cpp's
+    ratio_vs_llama: float | None   # decode tokens/s / llama.cpp's; None where llama.cpp cannot run the file
     hit_rate: float | None = None
     belady_hit_rate: float | None = None
     mib_read_per_token: float | None = None
     # dense / experts / stall / other (Python and glue: the rest of the wall time), other_per_layer
     ms_per_token: dict[str, float] = field(default_factory=dict)
     peak_rss_mib: float = 0.0         # VmHWM over the run, reset before it
+    skipped: str = ""                 # why this run did not happen (its numbers are then 0)
 
 
 def bench_llama(path: Path, prompt_ids: list[int], n_tokens: int, n_threads: int) -> tuple[float, float]:
@@ -96,8 +99,12 @@ def run_bench(path: Path, prompt: str, n_tokens: int, shares: list[float], n_thr
 
     prompt_ids = Tokenizer(path).encode(prompt)
     name = path.name
-    llama_prefill, llama_decode = bench_llama(path, prompt_ids, n_tokens, n_threads)
-    rows = [BenchRow(name, "llama.cpp", 1.0, llama_prefill, llama_decode, 1.0)]
+    skipped = llama_skip_reason(path)
+    if skipped:
+        llama_decode, rows = None, [BenchRow(name, "llama.cpp", 1.0, 0.0, 0.0, None, skipped=f"skipped: {skipped}")]
+    else:
+        llama_prefill, llama_decode = bench_llama(path, prompt_ids, n_tokens, n_threads)
+        rows = [BenchRow(name, "llama.cpp", 1.0, llama_prefill, llama_decode, 1.0)]
     on_row and on_row(rows[-1])
     full = bench_engine(path, prompt_ids, n_tokens, EngineConfig(n_threads=n_threads, n_ctx=len(prompt_ids) + n_tokens + 1,
                                                                  policy=policy, prefetch=prefetch, kv_type=kv_type),
@@ -111,7 +118,7 @@ def run_bench(path: Path, prompt: str, n_tokens: int, shares: list[float], n_thr
         budget = int(full["total"] * share)
         belady = simulate(trace, budget, "belady").hit_rate if share < 1.0 else 1.0
         rows.append(BenchRow(name, f"edgemoe/{policy}{'+prefetch' if prefetch else ''}", share, r["prefill"],
-                             r["decode"], r["decode"] / llama_decode if llama_decode else 0.0, r["hit_rate"], belady,
+                             r["decode"], r["decode"] / llama_decode if llama_decode else None, r["hit_rate"], belady,
                              r["mib_per_token"], r["ms"], r["peak"]))
         on_row and on_row(rows[-1])
     return rows

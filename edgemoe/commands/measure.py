@@ -40,12 +40,16 @@ def bench_cmd(args: argparse.Namespace) -> int:
     for path in models:
         rows = run_bench(Path(path), prompt, args.tokens, shares, threads, args.policy, args.prefetch, args.kv_type,
                          on_row=lambda r: console.print(f"  {r.model} {r.backend} {100 * r.budget_share:.0f}%: "
-                                                        f"decode {r.decode_tps:.2f} tok/s", highlight=False))
+                                                        + (r.skipped or f"decode {r.decode_tps:.2f} tok/s"),
+                                                        highlight=False))
         for r in rows:
+            if r.skipped:
+                table.add_row(r.model, r.backend, "", "", "", r.skipped)
+                continue
             ms = "|".join(f"{r.ms_per_token[k]:.1f}" for k in ("dense", "experts", "stall", "other")) \
                 if r.ms_per_token else ""
             table.add_row(r.model, r.backend, f"{100 * r.budget_share:.0f}%", f"{r.prefill_tps:.1f}",
-                          f"{r.decode_tps:.2f}", f"{r.ratio_vs_llama:.2f}x",
+                          f"{r.decode_tps:.2f}", "n/a" if r.ratio_vs_llama is None else f"{r.ratio_vs_llama:.2f}x",
                           "" if r.hit_rate is None else f"{100 * r.hit_rate:.1f}",
                           "" if r.belady_hit_rate is None else f"{100 * r.belady_hit_rate:.1f}",
                           "" if r.mib_read_per_token is None else f"{r.mib_read_per_token:.2f}", ms,
