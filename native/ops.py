@@ -13,7 +13,7 @@ import functools
 
 from gguf import GGMLQuantizationType as QT
 
-from edgemoe.native.lib import ggml_base, ggml_cpu
+from edgemoe.native.lib import _fn, ggml_base, ggml_cpu  # _fn declares one C function's types
 
 F32, F16, I32, I64 = int(QT.F32), int(QT.F16), int(QT.I32), int(QT.I64)
 ROPE_NORMAL, ROPE_NEOX = 0, 2  # ggml.h GGML_ROPE_TYPE_*: interleaved pairs (llama) or halves (NeoX)
@@ -60,11 +60,6 @@ class ThreadpoolParams(ctypes.Structure):
     # ggml.h struct ggml_threadpool_params
     _fields_ = [("cpumask", ctypes.c_bool * MAX_THREADS), ("n_threads", ctypes.c_int), ("prio", ctypes.c_int),
                 ("poll", ctypes.c_uint32), ("strict_cpu", ctypes.c_bool), ("paused", ctypes.c_bool)]
-
-
-def _fn(lib, name: str, restype, *argtypes) -> None:
-    f = getattr(lib, name)
-    f.restype, f.argtypes = restype, list(argtypes)
 
 
 @functools.cache
