@@ -15,6 +15,7 @@ then pick experts independently of each other only if their hidden states point 
 ways, hence EMBED_STD and OUT_STD below.
 
     python -m edgemoe.models.qwen3_slice OUT.gguf --layers 16 --type q4_k
+    python -m edgemoe.models.qwen3_slice OUT.gguf --layers 16 --mixed-bits 3.4375   # engine only
 
 16 layers (the real model has 48) make a 5.6 GiB file: like the 8-layer Mixtral slice (6.2 GiB),
 about twice a 3 GiB cap, so neither the file's page cache nor a full expert cache fits under it.
@@ -31,7 +32,8 @@ from gguf import MODEL_TENSOR as T
 
 from edgemoe.converters.arch.base import PlannedTensor
 from edgemoe.errors import InputError
-from edgemoe.models.slices import RandomRows, SliceShape, expert_tensors, norm, rows, tensor_name, slice_main, write_slice
+from edgemoe.models.slices import (RandomRows, SliceShape, SliceSpec, expert_tensors, norm, rows, slice_main,
+                                   tensor_name, write_slice)
 
 HIDDEN, FF_EXPERT, N_EXPERT, TOP_K, N_HEAD, N_KV, HEAD_DIM, VOCAB = 2048, 768, 128, 8, 32, 4, 128, 151936
 FF_DENSE = 6144          # the real config's intermediate_size, written as the hub converter does (no dense FFN)
@@ -113,7 +115,7 @@ def plan_slice(n_layers: int, qtype: QT, seed: int = 0) -> list[PlannedTensor]:
     return plan
 
 
-def write_qwen3_slice(out: str | Path, n_layers: int = DEFAULT_LAYERS, out_type: str = "q4_k", seed: int = 0) -> Path:
+def slice_spec(n_layers: int = DEFAULT_LAYERS, seed: int = 0) -> SliceSpec:
     if not 1 <= n_layers <= REAL_LAYERS:
         raise InputError(f"--layers must be 1..{REAL_LAYERS}, got {n_layers}")
 
@@ -123,12 +125,16 @@ def write_qwen3_slice(out: str | Path, n_layers: int = DEFAULT_LAYERS, out_type:
         w.add_expert_feed_forward_length(FF_EXPERT)
 
     shape = SliceShape(n_layers, HIDDEN, FF_DENSE, N_HEAD, N_KV, N_EXPERT, TOP_K, VOCAB, rope_base=1e6, rms_eps=1e-6)
-    return write_slice(out, gguf.MODEL_ARCH.QWEN3MOE, f"qwen3-30b-a3b-slice-{n_layers}L", out_type, shape,
-                       lambda qtype: plan_slice(n_layers, qtype, seed), extra)
+    return SliceSpec(gguf.MODEL_ARCH.QWEN3MOE, f"qwen3-30b-a3b-slice-{n_layers}L", shape,
+                     lambda qtype: plan_slice(n_layers, qtype, seed), extra)
+
+
+def write_qwen3_slice(out: str | Path, n_layers: int = DEFAULT_LAYERS, out_type: str = "q4_k", seed: int = 0) -> Path:
+    return write_slice(out, slice_spec(n_layers, seed), out_type)
 
 
 def main() -> None:
-    slice_main(write_qwen3_slice, __doc__, DEFAULT_LAYERS)
+    slice_main(slice_spec, __doc__, DEFAULT_LAYERS)
 
 
 if __name__ == "__main__":

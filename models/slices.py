@@ -1,7 +1,8 @@
 """What the benchmark slices share: quantized random rows, tensor names, the expert tensors of a
-layer and the writer. A slice has a real model's true dimensions and a few layers of random
-weights, written straight to GGUF in llama.cpp's stock layout: the real compute and I/O cost
-per token, in a file a laptop can hold.
+layer, the `SliceSpec` each slice module builds, and the stock writer (the per-expert
+mixed-precision writer of the same spec is edgemoe/models/mixed_slice.py). A slice has a real
+model's true dimensions and a few layers of random weights, written straight to GGUF in
+llama.cpp's stock layout: the real compute and I/O cost per token, in a file a laptop can hold.
 
 Quantizing full-size matrices takes seconds each, so one random block per row length is
 quantized and every tensor is a fresh row permutation of its bytes (rows quantize
@@ -82,41 +83,66 @@ class SliceShape:
     context: int = 4096
 
 
-def write_slice(out: str | Path, arch: gguf.MODEL_ARCH, name: str, out_type: str, shape: SliceShape,
-                plan: Callable[[QT], list[PlannedTensor]],
-                extra: Callable[[gguf.GGUFWriter], None] = lambda w: None) -> Path:
-    """Metadata (`extra` adds what only this architecture has), the demo's BPE padded to the
-    vocab size, then the tensors of `plan(qtype)`, written atomically."""
-    qtype, file_type = parse_output_type(out_type)
-    w = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[arch])
-    w.add_name(name)
+@dataclass(frozen=True)
+class SliceSpec:
+    """Everything a slice's file is made from: the stock writer and the mixed-precision one
+    (edgemoe/models/mixed_slice.py) write the same spec."""
+    arch: gguf.MODEL_ARCH
+    name: str
+    shape: SliceShape
+    plan: Callable[[QT], list[PlannedTensor]]             # tensors, given the type of the quantized ones
+    extra: Callable[[gguf.GGUFWriter], None] = lambda w: None  # metadata only this architecture has
+
+
+def add_hparams(w: gguf.GGUFWriter, spec: SliceSpec) -> None:
+    """The hyperparameters of `spec` (what a converter's `write_hparams` writes)."""
+    shape = spec.shape
     w.add_block_count(shape.n_layers)
     w.add_context_length(shape.context)
     w.add_embedding_length(shape.hidden)
     w.add_feed_forward_length(shape.ff)
     w.add_head_count(shape.n_head)
     w.add_head_count_kv(shape.n_kv)
-    extra(w)
+    spec.extra(w)
     w.add_rope_freq_base(shape.rope_base)
     w.add_layer_norm_rms_eps(shape.rms_eps)
     w.add_expert_count(shape.n_expert)
     w.add_expert_used_count(shape.top_k)
     w.add_vocab_size(shape.vocab)
+
+
+def write_slice(out: str | Path, spec: SliceSpec, out_type: str) -> Path:
+    """Metadata, the demo's BPE padded to the vocab size, then the tensors of `spec.plan(qtype)`,
+    written atomically in llama.cpp's stock layout."""
+    qtype, file_type = parse_output_type(out_type)
+    w = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[spec.arch])
+    w.add_name(spec.name)
+    add_hparams(w, spec)
     w.add_file_type(int(file_type))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    write_vocab(w, demo_dir(), shape.vocab)
-    write_gguf(w, plan(qtype), qtype, Path(out))
+    write_vocab(w, demo_dir(), spec.shape.vocab)
+    write_gguf(w, spec.plan(qtype), qtype, Path(out))
     return Path(out)
 
 
-def slice_main(write: Callable[..., Path], doc: str, default_layers: int) -> None:
-    """`python -m edgemoe.models.<arch>_slice OUT --layers N --type T --seed S`."""
+def slice_main(spec_for: Callable[[int, int], SliceSpec], doc: str, default_layers: int) -> None:
+    """`python -m edgemoe.models.<arch>_slice OUT --layers N --type T --seed S [--mixed-bits B]`."""
     import argparse
+
+    from edgemoe.models.mixed_slice import Q3_K_BITS, write_mixed_slice
 
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("output", type=Path)
     p.add_argument("--layers", type=int, default=default_layers)
-    p.add_argument("--type", default="q4_k")
+    p.add_argument("--type", default="q4_k", help="type of every tensor (with --mixed-bits: of the dense ones)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mixed-bits", type=float, default=None, metavar="BITS",
+                   help="write edgemoe's extended layout instead, each expert in its own type, all experts "
+                        f"within BITS bits per expert weight ({Q3_K_BITS} = q3_k's bytes); engine only, "
+                        "llama.cpp cannot load it (edgemoe/models/mixed_slice.py)")
     a = p.parse_args()
-    print(write(a.output, a.layers, a.type, a.seed))
+    spec = spec_for(a.layers, a.seed)
+    if a.mixed_bits is None:
+        print(write_slice(a.output, spec, a.type))
+    else:
+        print(write_mixed_slice(a.output, spec, a.mixed_bits, a.type).summary())
