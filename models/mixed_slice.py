@@ -15,8 +15,11 @@ the stock slice's (random rows in `--type`, q4_k by default; norms and routers f
 The expert weights are the stock slice's own: each expert matrix is the slice's random q4_k rows,
 dequantised, then quantized in the expert's type (as converting the q4_k slice's weights would).
 
-What stands in for calibration, and why: random weights have no real importance, and running the
-full model on text to calibrate it would cost minutes per token. So:
+What stands in for calibration, and why: `calibrate` reads an HF checkpoint, which a slice does
+not have, and on random weights the errors and output energies it measures are the same for every
+expert up to noise; what differs between a slice's experts is how often they are routed to, which
+the proxy takes from the routers directly (random weights have no real importance; this is a
+stand-in, not a measurement of one):
 - importance(e) = the share of tokens routed to expert e when hidden states are random directions
   (`router_frequencies`: the layer's actual router rows applied to Gaussian vectors, top-k counted).
   The real converter's importance is frequency x mean gate^2 x output energy; on a random slice
@@ -62,7 +65,7 @@ from edgemoe.native.quant import quantize
 Key = tuple[int, int]
 Q3_K_BITS = 3.4375       # q3_k: 110 bytes per 256 weights, so this many bits is q3_k's expert bytes
 ROUTING_SAMPLES = 4096   # random hidden states per layer for the routing frequencies
-ERROR_ROWS = 256         # rows per role re-quantized to measure each type's error
+ERROR_ROWS = 256         # rows of each role's Gaussian matrix quantized to measure each type's error
 SOURCE = ("slice proxy, random weights: importance = routing frequency of random hidden directions "
           "through the file's routers; error = relative weight error of each type on Gaussian matrices of "
           "the experts' shapes")
