@@ -12,13 +12,13 @@ layer's step routes, the rank each chosen expert had under each ordering just be
 counted: with a share of c experts kept in that order, the access would have hit iff its rank
 was below c. The cumulative counts are the layer's hit-rate curve per ordering, for every share
 size at once (for LRU this is Mattson's stack distance). The layer orders its experts by the
-ordering whose curve is highest at the share it holds now, and each expert's worth is the slope
-of the concave hull of the layer's best curve at that expert's rank, per byte: the hits per token
-its slot buys. Evicting the expert of least worth across all layers is the greedy form of
-utility-based cache partitioning (Qureshi & Patt 2006): every layer's share follows its own curve,
-and `allocate` states that split. Counts weigh each expert by the tokens routed to it (a prompt's
-prefill counts each of its tokens). Nothing is fitted offline: the curves start empty and grow
-with every step.
+ordering whose curve is highest around the share it holds now (that share and one expert either
+side), and each expert's worth is the slope of the concave hull of the layer's best curve at that
+expert's rank, per byte: the hits per token its slot buys. Evicting the expert of least worth
+across all layers is the greedy form of utility-based cache partitioning (Qureshi & Patt 2006):
+every layer's share follows its own curve, and `allocate` states that split. Counts weigh each
+expert by the tokens routed to it (a prompt's prefill counts each of its tokens). Nothing is
+fitted offline: the curves start empty and grow with every step.
 """
 from __future__ import annotations
 
@@ -86,8 +86,12 @@ class LayerCurves:
         expert's worth (the slope at its rank)."""
         curves = {o: self.curve(o) for o in ORDERINGS}
         at = min(resident_experts, self.n_experts)
-        # the highest curve at this size; on a tie frequency, then the grid's order
-        self.ordering = max(ORDERINGS, key=lambda o: (curves[o][at], o == "lfu", -ORDERINGS.index(o)))
+        # the highest curve over the sizes the layer holds while it runs: its share moves by one
+        # expert with each miss or eviction, and one point of a short history's curve is mostly
+        # noise (the demo's 8-expert layers switched orderings on one-access leads); on a tie
+        # frequency, then the grid's order
+        near = slice(max(at - 1, 0), at + 2)
+        self.ordering = max(ORDERINGS, key=lambda o: (curves[o][near].sum(), o == "lfu", -ORDERINGS.index(o)))
         self.slope = hull_slopes(np.max(np.stack(list(curves.values())), axis=0))
         v = self.values(self.ordering)
         rank = np.empty(self.n_experts, np.int64)
