@@ -31,7 +31,7 @@ def memory_plan(path, backend: str, n_ctx: int) -> MemoryPlan:
     if backend == "edgemoe":
         from edgemoe.tune.runs import run_facts
 
-        facts = run_facts(str(path), n_ctx, isolated=False)
+        facts = run_facts(str(path), n_ctx, isolated=True)
         return MemoryPlan(facts.runtime_bytes, facts.dense_bytes, facts.kv_bytes)
     import llama_cpp  # noqa: F401  (the runtime is loaded before its RSS is read)
 

@@ -55,7 +55,8 @@ class RunResult:
 
 @dataclass(frozen=True)
 class ModelFacts:
-    runtime_bytes: int   # RSS of Python + torch + ggml before any model is opened
+    runtime_bytes: int   # RSS of Python + torch + ggml and of an opened engine's own state (the parsed
+                         # GGUF metadata, tokenizer, graphs), less its dense weights: measured
     dense_bytes: int     # non-expert tensors (file pages touched through the memmap)
     kv_bytes: int        # KV cache at the tune's context length
     expert_bytes: dict[Key, int]
@@ -103,10 +104,14 @@ def facts(model: str, ctx: int) -> ModelFacts:
     from edgemoe.native.backend import CpuBackend
 
     CpuBackend(1).close()
-    runtime = current_rss_bytes()
+    before = current_rss_bytes()
     engine = Engine(model, EngineConfig(n_ctx=ctx))
     try:
         dense = sum(t.nbytes for t in engine.file.tensors.values() if not t.is_expert)
+        # what the open engine holds besides its dense weights (no expert is loaded yet): gguf-py's
+        # parse of a 151,936-token vocabulary alone is ~300 MiB, which the RSS before open missed
+        # and a 3 GiB cap then took from the mapped dense pages (re-read every token, then OOM)
+        runtime = max(before, current_rss_bytes() - dense)
         return ModelFacts(runtime, dense, engine.model.new_kv(ctx).nbytes,
                           {k: s.alloc_bytes for k, s in engine.specs.items()})
     finally:
