@@ -7,6 +7,8 @@ from gguf import GGMLQuantizationType as QT
 
 from edgemoe.converters.convert import convert
 from edgemoe.engine import Engine, EngineConfig
+from edgemoe.expert_store import find_experts
+from edgemoe.gguf_file import GGUFFile
 from edgemoe.native import repack
 from synthetic import write_mixtral
 
@@ -30,7 +32,7 @@ def test_budget_changes_keep_tokens_and_committed_memory_within_the_budget(model
     full = Engine(path, EngineConfig(n_threads=1))
     want, total = _tokens(full), full.expert_bytes_total
     full.close()
-    engine = Engine(path, EngineConfig(n_threads=1, budget_bytes=total // 4))
+    engine = Engine(path, EngineConfig(n_threads=1, budget_bytes=total // 4, repack_experts=True))
     try:
         arenas = engine.cache.arenas
         # q4_k layouts are repacked for the CPU where its build has the kernels (this one's does); q8_0 ones mapped
@@ -51,6 +53,19 @@ def test_budget_changes_keep_tokens_and_committed_memory_within_the_budget(model
         engine.close()
 
 
+def test_expert_arenas_are_repacked_only_when_every_expert_fits(models):
+    """Below a full budget each miss would repack again (slower than its read), so arenas stay plain."""
+    if not repack.repacks_type(int(QT.Q4_K)):
+        pytest.skip("this CPU build has no repacked Q4_K kernels")
+    path = models["q4_k"]
+    total = sum(s.alloc_bytes for s in find_experts(GGUFFile(path)).values())
+    for budget, repacked in ((None, True), (total, True), (total // 2, False)):
+        engine = Engine(path, EngineConfig(n_threads=1, budget_bytes=budget))
+        try:
+            assert {a.repacked for a in engine.cache.arenas.by_index} == {repacked}, budget
+        finally:
+            engine.close()
+
 
 def test_prefetch_into_repacked_arenas_changes_no_token(models):
     """Prefetches load (and repack) frames on their thread while the compute thread loads others."""
@@ -58,7 +73,7 @@ def test_prefetch_into_repacked_arenas_changes_no_token(models):
     full = Engine(path, EngineConfig(n_threads=1))
     want, total = _tokens(full, 24), full.expert_bytes_total
     full.close()
-    engine = Engine(path, EngineConfig(n_threads=1, budget_bytes=total // 3, prefetch=True))
+    engine = Engine(path, EngineConfig(n_threads=1, budget_bytes=total // 3, prefetch=True, repack_experts=True))
     try:
         assert _tokens(engine, 24) == want
         assert engine.cache.arenas.committed_bytes <= total // 3
