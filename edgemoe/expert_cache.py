@@ -298,14 +298,16 @@ class ExpertCache:
         self.cond.notify_all()
 
     # ---- prefetch path ------------------------------------------------------------------
-    def prefetch(self, key: Key) -> bool:
-        """Load `key` if it fits without evicting pinned or still-unused prefetched experts."""
+    def prefetch(self, key: Key, probability: float | None = None) -> bool:
+        """Load `key` if room can be made without evicting pinned experts or prefetches waiting
+        for their layer, and (given the probability that its layer chooses it) without evicting
+        anything worth more than the prefetch is likely to buy: `Residency.room_for_prefetch`."""
         s = self.state
         with self.cond:
             if (self.halted or key in s.resident or key in self.loading
                     or (self.low is not None and key in self.low.exact)):
                 return False
-            room = s.make_room(s.sizes[key], exclude=set(s.unused_prefetch))
+            room = s.room_for_prefetch(key, probability)
             self._drop_evicted()
             if not room:
                 return False

@@ -4,7 +4,10 @@ When a layer has routed (its experts are about to run), the compute thread hands
 MoE input and chosen experts to the prefetch thread and goes on. The thread asks a pluggable
 predictor (`edgemoe.predictor`: none, next-layer router speculation, frequency prior, or a
 learned ONNX model) which experts come next and loads them through `ExpertCache.prefetch`, which
-never exceeds the budget and never evicts pinned or not-yet-used prefetched experts. Prediction
+never exceeds the budget, never evicts pinned experts or prefetches still waiting for their layer,
+and weighs a guess that comes with a probability against what it would evict
+(`Residency.room_for_prefetch`: one implementation for the engine, the budgeted llama.cpp mode
+and the replay). Prediction
 (torch matmul, onnxruntime) and pread release the GIL, so they overlap with compute.
 """
 from __future__ import annotations
@@ -33,6 +36,7 @@ class Prefetcher:
         self._inputs: dict[int, object] = {}
         self.queue: queue.Queue = queue.Queue()
         self.generation = 0  # forward passes begun (compute thread)
+        self.routed_at = (0, -1)  # (generation, MoE layer number) routed last (compute thread)
         self.predictions = 0
         self.error: Exception | None = None  # what stopped the thread, if anything did
         self._stop = threading.Event()
@@ -52,6 +56,7 @@ class Prefetcher:
         index = self.index[layer]
         if index == 0:
             self.generation += 1
+        self.routed_at = (self.generation, index)
         self.queue.put((self.generation, index, ids.tolist(), self._inputs.pop(layer, None)))
 
     def _run(self) -> None:
@@ -78,14 +83,19 @@ class Prefetcher:
                 done.wait(0.05)
 
     def _handle(self, gen: int, index: int, ids: list[list[int]], x_last) -> None:
-        for key in self.predict_keys(index, ids, x_last, stale=gen < self.generation - 1):
+        for key, probability in self.predict_keys(index, ids, x_last, stale=gen < self.generation - 1):
+            t = self.index[key[0]]
+            if self.routed_at >= (gen + (t <= index), t):
+                continue  # its layer has routed already: loaded now it would only wait for the next token
             self.predictions += 1
-            self.cache.prefetch(key)
+            self.cache.prefetch(key, probability)
 
-    def predict_keys(self, index: int, ids: list[list[int]], x_last, stale: bool = False) -> list[Key]:
+    def predict_keys(self, index: int, ids: list[list[int]], x_last,
+                     stale: bool = False) -> list[tuple[Key, float | None]]:
         """Feed MoE layer number `index`'s routing (ids [T, k], MoE input of the newest token
-        x_last [D]) and return the keys to load, nearest first. Calls must come in forward order;
-        a stale call (its token has moved on) only updates the routing state."""
+        x_last [D]) and return the keys to offer the cache with the probability that their layer
+        chooses them (None: not known), nearest first. Calls must come in forward order; a stale
+        call (its token has moved on) only updates the routing state."""
         logits = self.lookahead.rows(index, x_last).numpy() if x_last is not None and not stale else None
         query = self.state.update(index, ids, logits)
         self.predictor.observe(index, ids)
@@ -93,7 +103,8 @@ class Prefetcher:
             return []
         n = len(self.blocks)
         # this token's later layers, then the next token's (its first layers after the last)
-        return [(self.blocks[(index + a) % n].layer, e) for a, e in self.predictor.predict(query) if index + a < 2 * n]
+        return [((self.blocks[(index + a) % n].layer, e), p) for a, e, p in self.predictor.candidates(query)
+                if index + a < 2 * n]
 
     def close(self) -> None:
         self._stop.set()

@@ -1,5 +1,11 @@
 """Which experts are resident, under a byte budget: the bookkeeping shared by the real
-ExpertCache (which also does the I/O) and the trace simulator (which does none)."""
+ExpertCache (which also does the I/O) and the trace simulator (which does none).
+
+Prefetched experts wait for their layer: until it routes they are never evicted by another
+prefetch. A prefetch its layer routed past without using is stale: it goes first, oldest first,
+before anything the policy would choose, so a wrong guess displaces nothing for longer than it
+takes the next load to need room. (Kept at its own worth, a wrong guess stayed and pushed out
+experts the policy had chosen to keep: docs/BENCHMARKS.md, #17.)"""
 from __future__ import annotations
 
 from collections import Counter
@@ -38,7 +44,9 @@ class Residency:
         self.resident_bytes = 0
         self.in_flight_bytes = 0
         self.pins: Counter[Key] = Counter()
-        self.unused_prefetch: set[Key] = set()
+        self.unused_prefetch: set[Key] = set()            # prefetched, not used yet
+        self.waiting: dict[int, set[Key]] = {}            # per layer: unused prefetches it has not routed past
+        self.stale: dict[Key, None] = {}                  # unused prefetches their layer routed past, oldest first
         self.clock = 0
         self.c = Counters()
         self.peak_bytes = 0
@@ -65,6 +73,9 @@ class Residency:
         future) index by."""
         self.clock += 1
         self.policy.touch(key, self.clock, slots)
+        for k in sorted(self.waiting.pop(key[0], ())):  # the layer routes: its other guesses missed
+            self.stale[k] = None
+        self.stale.pop(key, None)
 
     def hit(self, key: Key) -> None:
         self.c.hits += 1
@@ -72,10 +83,23 @@ class Residency:
             self.unused_prefetch.discard(key)
             self.c.prefetch_hits += 1
 
+    def _victim(self, exclude) -> Key | None:
+        """A stale prefetch first (oldest first), else the policy's choice; never a pinned key
+        nor one in `exclude`."""
+        evictable = lambda k: self.pins[k] == 0 and k not in exclude  # noqa: E731
+        stale = next((k for k in self.stale if evictable(k)), None)
+        return stale if stale is not None else self.policy.choose(self.resident, evictable, self.clock)
+
     def evict_one(self, exclude: set[Key]) -> bool:
-        victim = self.policy.choose(self.resident, lambda k: self.pins[k] == 0 and k not in exclude, self.clock)
+        victim = self._victim(exclude)
         if victim is None:
             return False
+        self._evict(victim)
+        return True
+
+    def _evict(self, victim: Key) -> None:
+        self.stale.pop(victim, None)
+        self.waiting.get(victim[0], set()).discard(victim)
         self.resident.discard(victim)
         self.resident_bytes -= self.sizes[victim]
         self.policy.forget(victim)
@@ -84,12 +108,31 @@ class Residency:
         if victim in self.unused_prefetch:
             self.unused_prefetch.discard(victim)
             self.c.prefetch_wasted += 1
-        return True
 
     def make_room(self, nbytes: int, exclude: set[Key] = frozenset()) -> bool:
         while self.used() + nbytes > self.budget_bytes:
             if not self.evict_one(exclude):
                 return False
+        return True
+
+    def room_for_prefetch(self, key: Key, probability: float | None = None) -> bool:
+        """Make room for prefetching `key` (not resident), evicting neither pinned experts nor
+        prefetches still waiting for their layer. With the predictor's probability that the
+        layer chooses `key` and a policy that prices residency (`Policy.value`: hits per step per
+        byte), a victim other than a stale prefetch must be worth less per byte than the
+        prefetch is likely to buy (probability / size): otherwise nothing is evicted and the
+        prefetch is refused. False when no room could be made."""
+        bar = probability / self.sizes[key] if probability is not None else None
+        waiting = set().union(*self.waiting.values())
+        while self.used() + self.sizes[key] > self.budget_bytes:
+            victim = self._victim(waiting)
+            if victim is None:
+                return False
+            if bar is not None and victim not in self.stale:
+                price = self.policy.value(victim)
+                if price is not None and price >= bar:
+                    return False
+            self._evict(victim)
         return True
 
     def begin_load(self, key: Key) -> None:
@@ -107,6 +150,7 @@ class Residency:
         self.peak_bytes = max(self.peak_bytes, self.used())
         if prefetched:
             self.unused_prefetch.add(key)
+            self.waiting.setdefault(key[0], set()).add(key)
 
     def set_budget(self, budget_bytes: int) -> None:
         check_budget(budget_bytes, self.largest_bytes)

@@ -7,8 +7,9 @@ wasted prefetch bytes) next to Belady's demand-only optimum.
 
 Timing model: a prediction made when layer l has routed is loaded while l's experts compute,
 so in the replay its loads land before layer l+1's demand (before the next token's first layer
-after the last). Prefetches use only room they can make without evicting pinned experts or
-unused prefetches, as `ExpertCache.prefetch` does.
+after the last). Prefetches are admitted as `ExpertCache.prefetch` admits them
+(`Residency.room_for_prefetch`). Precision and recall are over what the predictor offered the
+cache (for `cooccur`: its top-k and the likelier experts beyond).
 """
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ class PredictorResult:
 
 @dataclass
 class Schedule:
-    loads: list[dict[int, list[Key]]]  # per step, per layer: keys loaded before that layer's demand
+    # per step, per layer: (key, probability) offered to the cache before that layer's demand
+    loads: list[dict[int, list[tuple[Key, float | None]]]]
     predicted: int = 0   # distinct (target, expert) predictions on counted (decode) targets
     correct: int = 0
     actual: int = 0      # distinct (target, expert) demands on counted targets
@@ -68,11 +70,11 @@ def schedule(trace: Trace, predictor: Predictor, score_from: int = 0) -> Schedul
         if nxt is None:
             continue
         loads = sched.loads[nxt[0]].setdefault(trace.moe_layers[nxt[1]], [])
-        for ahead, e in predictor.predict(pt.query):
+        for ahead, e, probability in predictor.candidates(pt.query):
             t = target(trace, pt.step, pt.index, ahead)
             if t is None:
                 continue
-            loads.append((trace.moe_layers[t[1]], e))
+            loads.append(((trace.moe_layers[t[1]], e), probability))
             predicted.setdefault(t, set()).add(e)
     decode = [s for s, n in enumerate(trace.tokens_per_step()) if n == 1 and s >= score_from]
     for s in decode:

@@ -16,6 +16,7 @@ import numpy as np
 from edgemoe.errors import InputError
 
 Prediction = list[tuple[int, int]]  # (ahead, expert)
+Candidates = list[tuple[int, int, float | None]]  # (ahead, expert, probability it is chosen; None: not known)
 
 
 class PredictorError(InputError):
@@ -92,6 +93,12 @@ class Predictor:
 
     def predict(self, q: Query) -> Prediction:
         return []
+
+    def candidates(self, q: Query) -> Candidates:
+        """What the prefetcher offers the cache, in order: the prediction, with the probability
+        that the target layer chooses each expert where the predictor knows it (a prefetch with
+        a probability is weighed against what it would evict: `Residency.room_for_prefetch`)."""
+        return [(a, e, None) for a, e in self.predict(q)]
 
 
 class FrequencyPrior:

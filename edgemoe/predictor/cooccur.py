@@ -13,12 +13,21 @@ layer, the previous token's last two layers):
 with counts smoothed by one pseudo-observation spread as the prior (the estimate of a pair never
 seen is the prior itself, not zero). Counts start at zero and grow with every routed token,
 prompt prefills included (each of their tokens is one observation).
+
+The score is log P(e' chosen | evidence) up to a constant, so top_k * softmax(score) is the naive
+Bayes probability that the target layer chooses e' (its k experts' probabilities sum to k). It is
+overconfident, so it is calibrated online against what the target layer then chose
+(`edgemoe.predictor.calibration`). The cache is offered this layer's top-k and, beyond them,
+every expert whose calibrated probability beats the base rate top_k / n_experts (what an expert
+of the layer is chosen with, knowing nothing); with the probability attached, the cache weighs
+each against what it would evict (`Residency.room_for_prefetch`).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from edgemoe.predictor.base import Prediction, Predictor, Query, RoutingShape
+from edgemoe.predictor.base import Candidates, Prediction, Predictor, Query, RoutingShape
+from edgemoe.predictor.calibration import Reliability
 
 OFFSETS = (1, 2)  # evidence: the layers 1 and 2 before the target
 
@@ -36,6 +45,8 @@ class CooccurPredictor(Predictor):
         self.pairs = {d: np.zeros((L, E, E), np.float32) for d in OFFSETS}
         self.step: list[list[list[int]] | None] = [None] * L    # this step's rows per layer
         self.prev_last: list[list[int] | None] = [None] * L     # the previous step's last token
+        self.reliability = Reliability()
+        self.asked: dict[int, np.ndarray] = {}  # per target layer: the raw [E] probabilities last predicted
 
     def observe(self, index: int, ids: list[list[int]]) -> None:
         """ids [T, k] at MoE layer `index`; rows of layers with fewer tokens are aligned from the
@@ -44,6 +55,11 @@ class CooccurPredictor(Predictor):
         if index == 0:
             self.prev_last = [rows[-1] if rows else None for rows in self.step]
             self.step = [None] * L
+        raw = self.asked.pop(index, None)
+        if raw is not None:  # what was predicted for this layer's newest token, against what it chose
+            chosen = np.zeros(len(raw))
+            chosen[list(ids[-1])] = 1.0
+            self.reliability.record(raw, chosen)
         for row in ids:
             self.freq[index, row] += 1
         self.tokens[index] += len(ids)
@@ -71,8 +87,10 @@ class CooccurPredictor(Predictor):
             score += np.log(cond / p_e[:, None]).sum(axis=0)
         return score
 
-    def predict(self, q: Query) -> Prediction:
-        L = self.shape.n_layers
+    def _ranked(self, q: Query) -> tuple[np.ndarray, np.ndarray] | None:
+        """(experts by score, best first [E], calibrated probabilities [E]) at the next layer, or
+        None when nothing is known yet (a prompt's first token past the last layer)."""
+        L, k = self.shape.n_layers, self.shape.top_k
         target = (q.index + 1) % L
         evidence = []
         for d in OFFSETS:
@@ -81,6 +99,22 @@ class CooccurPredictor(Predictor):
             if experts is not None:
                 evidence.append((d, src % L, list(experts)))
         if target == 0 and q.prev is None and len(evidence) == 0:
+            return None
+        score = self.scores(target, evidence)
+        odds = np.exp(score - score.max())
+        raw = np.minimum(k * odds / odds.sum(), 1.0)
+        self.asked[target] = raw
+        return np.argsort(-score, kind="stable"), self.reliability.calibrated(raw)
+
+    def predict(self, q: Query) -> Prediction:
+        ranked = self._ranked(q)
+        return [] if ranked is None else [(1, int(e)) for e in ranked[0][: self.shape.top_k]]
+
+    def candidates(self, q: Query) -> Candidates:
+        ranked = self._ranked(q)
+        if ranked is None:
             return []
-        top = np.argsort(-self.scores(target, evidence), kind="stable")[: self.shape.top_k]
-        return [(1, int(e)) for e in top]
+        order, p = ranked
+        k, base = self.shape.top_k, self.shape.top_k / self.shape.n_experts
+        extra = sorted((e for e in order[k:] if p[e] > base), key=lambda e: -p[e])
+        return [(1, int(e), float(p[e])) for e in list(order[:k]) + extra]
