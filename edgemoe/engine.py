@@ -64,10 +64,10 @@ class EngineConfig:
     n_batch: int = 512
     # dense matrices and expert arenas of types ggml multiplies faster repacked (Q4_0, Q4_K, IQ4_NL on
     # AVX2, ...; edgemoe/native/repack.py) are held repacked, as llama.cpp does by default; expert
-    # arenas only when the budget holds every expert (below, each miss would repack again) unless
-    # repack_experts asks for them at any budget
+    # arenas only when the budget holds every expert (below, each miss would repack again);
+    # repack_experts True/False repacks expert arenas at any budget / never (repack must be on)
     repack: bool = True
-    repack_experts: bool = False
+    repack_experts: bool | None = None
 
 
 class Engine:
@@ -101,8 +101,8 @@ class Engine:
         # expert arenas are repacked only when every expert fits: each is then repacked once, while
         # under a smaller budget every miss would pay the repack (single-threaded, slower than the
         # read: Mixtral slice at a 2.4 GiB budget decoded 0.60 tok/s repacked vs 1.09 plain)
-        repack_experts = config.repack and (config.repack_experts or
-                                            budget >= sum(s.alloc_bytes for s in self.specs.values()))
+        repack_experts = config.repack and (budget >= sum(s.alloc_bytes for s in self.specs.values())
+                                            if config.repack_experts is None else config.repack_experts)
         self.cache = arena_cache_class()(self.path, self.specs, budget, policy, n_layers, low, config.dual_load_above,
                                          stale, config.dual_background_load, repack_layouts=repack_experts)
         self.model = cls(self.file, self.backend, self.cache, kv_type=config.kv_type, n_batch=config.n_batch,

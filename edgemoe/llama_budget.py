@@ -31,7 +31,7 @@ from edgemoe.expert_cache import ExpertCache
 from edgemoe.expert_loader import ExpertLoader
 from edgemoe.expert_store import stock_experts
 from edgemoe.gguf_file import GGUFFile, ModelFileError
-from edgemoe.llama_backend import RoutingTap, open_llama, stream_generate
+from edgemoe.llama_backend import AttachedThreadpool, RoutingTap, open_llama, stream_generate
 from edgemoe.llama_pages import PAGE, Mapping, file_mappings, mapping_rss_bytes, probe_dontunmap, resident_pages
 from edgemoe.llama_slots import ExpertPages, MappedExperts, expert_pages, expert_runs, page_runs
 from edgemoe.policies import DEFAULT_POLICY, Key, make_policy
@@ -250,7 +250,7 @@ class BudgetedLlama:
         self.ready = False
         self.moe_layers = sorted({k[0] for k in self.specs})
         self.n_layers = int(self.file.arch_field("block_count", 0))
-        self.llm = self.pages = self.cache = self.prefetcher = None
+        self.llm = self.threads = self.pages = self.cache = self.prefetcher = None
         self._pinned: list[Key] = []
         self._streamed: list[Key] = []
         try:
@@ -276,6 +276,7 @@ class BudgetedLlama:
         self.llm = open_llama(self.path, n_ctx=c.n_ctx, seed=c.seed, f32_kv=c.f32_kv, routing=self.tap,
                               n_threads=c.n_threads, model_params=model_params, context_params=context_params)
         del keep  # llama.cpp copied the override list while loading
+        self.threads = AttachedThreadpool(self.llm)
         mapping = find_llama_mapping(self.path, before, expert_runs(self.geometry))
         self.pages = MappedExperts(self.path, mapping, self.geometry, ExpertLoader(self.path), c.budget_bytes)
         self.pages.drop_all(page_runs(self.dense_ranges),
@@ -412,6 +413,9 @@ class BudgetedLlama:
             self.pages.close()
             self.pages.loader.close()
             self.pages = None
+        if self.threads is not None:
+            self.threads.close()
+            self.threads = None
         if self.llm is not None:
             self.llm.close()
             self.llm = None

@@ -13,6 +13,15 @@ from edgemoe.native import ops
 from edgemoe.native.lib import NativeLibraryError, ggml_base, ggml_cpu
 
 
+def new_threadpool(n_threads: int) -> int:
+    """A persistent ggml CPU thread pool (free it with ggml_cpu().ggml_threadpool_free)."""
+    params = ops.lib().ggml_threadpool_params_default(n_threads)
+    pool = ggml_cpu().ggml_threadpool_new(ctypes.byref(params))
+    if not pool:
+        raise NativeLibraryError(f"ggml_threadpool_new failed for {n_threads} threads")
+    return pool
+
+
 class CpuBackend:
     def __init__(self, n_threads: int | None = None):
         self.base, self.cpu = ggml_base(), ggml_cpu()
@@ -33,11 +42,7 @@ class CpuBackend:
     def set_threads(self, n_threads: int) -> None:
         if n_threads < 1:
             raise ValueError(f"thread count must be >= 1, got {n_threads}")
-        lib = ops.lib()
-        params = lib.ggml_threadpool_params_default(n_threads)
-        pool = self.cpu.ggml_threadpool_new(ctypes.byref(params))
-        if not pool:
-            raise NativeLibraryError(f"ggml_threadpool_new failed for {n_threads} threads")
+        pool = new_threadpool(n_threads)
         self.n_threads = n_threads
         self.cpu.ggml_backend_cpu_set_n_threads(self.handle, n_threads)
         self.cpu.ggml_backend_cpu_set_threadpool(self.handle, pool)

@@ -118,16 +118,19 @@ def test_q8_0_kv_cache_needs_whole_blocks_per_head(converted):
 
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_tight_budget_gives_identical_logits(converted, arch, qtype):
+@pytest.mark.parametrize("repacked", [False, True])
+def test_tight_budget_gives_identical_logits(converted, arch, qtype, repacked):
+    """The cache changes no number, with expert arenas plain (a small budget's default) and
+    repacked (a full budget's default, where the type has repacked kernels)."""
     path = converted(arch, qtype)
-    engine = Engine(path)
+    engine = Engine(path, EngineConfig(repack_experts=repacked))
     try:
         full = engine.logits(PROMPT_IDS)
         largest = max(s.alloc_bytes for s in engine.specs.values())
         budget = max(int(engine.expert_bytes_total * TIGHT_BUDGET_SHARE), largest)
     finally:
         engine.close()
-    engine = Engine(path, EngineConfig(budget_bytes=budget, policy="lru"))
+    engine = Engine(path, EngineConfig(budget_bytes=budget, policy="lru", repack_experts=repacked))
     try:
         tight = engine.logits(PROMPT_IDS)
         stats = engine.cache.step_stats()

@@ -1,6 +1,7 @@
 """`edgemoe bench`: edgemoe vs llama.cpp on the same GGUF, measured side by side in one run.
 
-For each model: llama.cpp's prefill and decode tokens/s, then the edgemoe engine at full
+For each model: llama.cpp's prefill and decode tokens/s, the budgeted llama.cpp mode (llama.cpp
+computing, edgemoe's cache holding every expert), then the edgemoe engine at full
 expert budget and at smaller shares of the expert bytes, with hit rates next to Belady's
 (replayed on the routing recorded at full budget: same prompt, same tokens) and where each
 millisecond of a decode token goes. An extended-layout file (mixed precision, compressed) runs in
@@ -51,6 +52,34 @@ def bench_llama(path: Path, prompt_ids: list[int], n_tokens: int, n_threads: int
     return prefill, events[-1].tokens_per_s
 
 
+def bench_llama_budget(path: Path, prompt_ids: list[int], n_tokens: int, n_threads: int, policy: str) -> dict:
+    """llama.cpp computing, edgemoe's cache holding every expert (the budgeted mode at full budget):
+    every expert is placed untimed first, as llama.cpp reads its weights when it loads, then timed
+    as bench_llama times plain llama.cpp. What it costs over plain llama.cpp is the eval callback
+    and the cache's bookkeeping per layer."""
+    from edgemoe.llama_budget import BudgetedConfig, BudgetedLlama, budget_range
+
+    full = budget_range(path)[1]
+    rt = BudgetedLlama(path, BudgetedConfig(budget_bytes=full, policy=policy, n_ctx=len(prompt_ids) + n_tokens + 8,
+                                            n_threads=n_threads))
+    try:
+        for key in rt.specs:
+            rt.cache.prefetch(key)
+        rt.cache.step_stats()
+        rt.llm.reset()
+        t0 = time.perf_counter()
+        rt.llm.eval(prompt_ids)
+        rt.end_step()
+        prefill = len(prompt_ids) / (time.perf_counter() - t0)
+        text = rt.llm.detokenize(prompt_ids).decode("utf-8", errors="replace")
+        events = list(rt.stream_generate(text, n_tokens))
+        decode = events[1:]
+        hits, misses = sum(e.cache.hits for e in decode), sum(e.cache.misses for e in decode)
+        return dict(prefill=prefill, decode=events[-1].tokens_per_s, hit_rate=hits / max(hits + misses, 1))
+    finally:
+        rt.close()
+
+
 def bench_engine(path: Path, prompt_ids: list[int], n_tokens: int, config: EngineConfig, record: bool = False):
     reset_peak_rss()  # peak RSS per run, not the process's (llama.cpp ran in it first)
     engine = Engine(path, config)
@@ -94,7 +123,9 @@ def bench_engine(path: Path, prompt_ids: list[int], n_tokens: int, config: Engin
 
 
 def run_bench(path: Path, prompt: str, n_tokens: int, shares: list[float], n_threads: int, policy: str = "lru",
-              prefetch: bool = False, kv_type: str = "f16", on_row=None) -> list[BenchRow]:
+              prefetch: bool = False, kv_type: str = "f16", on_row=None, budgeted: bool = True) -> list[BenchRow]:
+    """budgeted: also the budgeted llama.cpp mode at full budget (`llama.cpp+cache/POLICY`, beside
+    plain llama.cpp: #13's "full budget >= 0.95x")."""
     from edgemoe.tokenizer import Tokenizer
 
     prompt_ids = Tokenizer(path).encode(prompt)
@@ -105,7 +136,12 @@ def run_bench(path: Path, prompt: str, n_tokens: int, shares: list[float], n_thr
     else:
         llama_prefill, llama_decode = bench_llama(path, prompt_ids, n_tokens, n_threads)
         rows = [BenchRow(name, "llama.cpp", 1.0, llama_prefill, llama_decode, 1.0)]
-    on_row and on_row(rows[-1])
+        if budgeted:
+            b = bench_llama_budget(path, prompt_ids, n_tokens, n_threads, policy)
+            rows.append(BenchRow(name, f"llama.cpp+cache/{policy}", 1.0, b["prefill"], b["decode"],
+                                 b["decode"] / llama_decode, b["hit_rate"]))
+    for row in rows:
+        on_row and on_row(row)
     full = bench_engine(path, prompt_ids, n_tokens, EngineConfig(n_threads=n_threads, n_ctx=len(prompt_ids) + n_tokens + 1,
                                                                  policy=policy, prefetch=prefetch, kv_type=kv_type),
                         record=True)
