@@ -36,9 +36,30 @@ def test_congruent_ranges_read_direct_with_buffered_edges(data_file):
         s = loader.stats()
         assert s.bytes_read == 1_300_000 and s.reads == 1 and s.bandwidth_bps > 0
         if loader.direct:
-            # the first range's aligned interior went O_DIRECT; the second is incongruent (buffered)
+            # the first range's aligned interior went O_DIRECT, its edges buffered; the second is
+            # incongruent: all of it O_DIRECT through the bounce buffer
             interior = (5000 + 1_000_000) // BLOCK_BYTES * BLOCK_BYTES - 2 * BLOCK_BYTES
-            assert s.direct_bytes == interior
+            assert s.direct_bytes == interior + 300_000
+    finally:
+        loader.close()
+
+
+def test_incongruent_ranges_bounce_to_the_last_byte(data_file):
+    """A stock GGUF's tensors sit at 32-byte alignment: read O_DIRECT around them and copied, up to
+    the file's short last block; a range that was truncated away is a clear error."""
+    path, data = data_file
+    loader = ExpertLoader(path, threads=2, chunk_bytes=64 * 1024)
+    try:
+        dest = np.zeros(SIZE, dtype=np.uint8)
+        ranges = [(32 * 7, 200_000, 3), (SIZE - 70_001, 70_001, 300_000)]
+        assert loader.read_into(ranges, dest) == 270_001
+        for off, n, pos in ranges:
+            assert dest[pos:pos + n].tobytes() == data[off:off + n]
+        if loader.direct:
+            assert loader.stats().direct_bytes == 270_001
+        os.truncate(path, SIZE - 50_000)
+        with pytest.raises(ModelFileError, match="short read"):
+            loader.read_into([(SIZE - 60_001, 20_000, 0)], dest)
     finally:
         loader.close()
 
