@@ -41,7 +41,6 @@ class LayerCurves:
         self.decayed = {h: np.zeros(n_experts) for h in HALF_LIVES}  # [E] per half-life
         self.at_rank = {o: np.zeros(n_experts) for o in ORDERINGS}   # [E] accesses at rank r
         self.pending: list[tuple[int, int, int]] = []  # (expert, clock, slots) of this step
-        self.steps = 0                               # steps this layer routed
         self.ordering = "lfu"
         self.worth = np.zeros(n_experts)             # [E] hits per token of each expert's slot
         self.slope = np.zeros(n_experts + 1)
@@ -65,7 +64,6 @@ class LayerCurves:
     def end_step(self, resident_experts: int) -> None:
         if not self.pending:
             return
-        self.steps += 1
         chosen = np.zeros(self.n_experts)
         for e, clock, slots in self.pending:
             self.last[e] = clock

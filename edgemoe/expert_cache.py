@@ -298,16 +298,15 @@ class ExpertCache:
         self.cond.notify_all()
 
     # ---- prefetch path ------------------------------------------------------------------
-    def prefetch(self, key: Key, probability: float | None = None) -> bool:
+    def prefetch(self, key: Key) -> bool:
         """Load `key` if room can be made without evicting pinned experts or prefetches waiting
-        for their layer, and (given the probability that its layer chooses it) without evicting
-        anything worth more than the prefetch is likely to buy: `Residency.room_for_prefetch`."""
+        for their layer (`Residency.room_for_prefetch`: stale guesses go first)."""
         s = self.state
         with self.cond:
             if (self.halted or key in s.resident or key in self.loading
                     or (self.low is not None and key in self.low.exact)):
                 return False
-            room = s.room_for_prefetch(key, probability)
+            room = s.room_for_prefetch(key)
             self._drop_evicted()
             if not room:
                 return False

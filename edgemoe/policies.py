@@ -35,11 +35,6 @@ class Policy:
     def forget(self, key: Key) -> None:
         """`key` left the cache."""
 
-    def value(self, key: Key) -> float | None:
-        """Hits per step per byte that keeping resident `key` is expected to buy, or None when the
-        policy has no such price (then prefetches are admitted whenever room can be made)."""
-        return None
-
     def victim(self, candidates: list[Key], clock: int) -> Key:
         raise NotImplementedError
 
@@ -181,10 +176,6 @@ class LayerSplit(Policy):
 
     def forget(self, key):
         self.resident[key[0]].remove(key[1])
-
-    def value(self, key):
-        c = self.curves[key[0]]  # worth counts hits over the layer's steps so far
-        return c.worth[key[1]] / max(c.steps, 1) / self.slot_bytes[key[0]]
 
     def shares(self) -> dict[int, int]:
         """The split the curves ask for now: target bytes per layer, their sum <= the budget."""

@@ -4,10 +4,9 @@ When a layer has routed (its experts are about to run), the compute thread hands
 MoE input and chosen experts to the prefetch thread and goes on. The thread asks a pluggable
 predictor (`edgemoe.predictor`: none, next-layer router speculation, frequency prior, or a
 learned ONNX model) which experts come next and loads them through `ExpertCache.prefetch`, which
-never exceeds the budget, never evicts pinned experts or prefetches still waiting for their layer,
-and weighs a guess that comes with a probability against what it would evict
-(`Residency.room_for_prefetch`: one implementation for the engine, the budgeted llama.cpp mode
-and the replay). Prediction
+never exceeds the budget and never evicts pinned experts or prefetches still waiting for their
+layer; guesses their layer routed past unused go first (`Residency.room_for_prefetch`: one rule
+for the engine, the budgeted llama.cpp mode and the replay). Prediction
 (torch matmul, onnxruntime) and pread release the GIL, so they overlap with compute.
 """
 from __future__ import annotations
@@ -83,19 +82,18 @@ class Prefetcher:
                 done.wait(0.05)
 
     def _handle(self, gen: int, index: int, ids: list[list[int]], x_last) -> None:
-        for key, probability in self.predict_keys(index, ids, x_last, stale=gen < self.generation - 1):
+        for key in self.predict_keys(index, ids, x_last, stale=gen < self.generation - 1):
             t = self.index[key[0]]
             if self.routed_at >= (gen + (t <= index), t):
                 continue  # its layer has routed already: loaded now it would only wait for the next token
             self.predictions += 1
-            self.cache.prefetch(key, probability)
+            self.cache.prefetch(key)
 
-    def predict_keys(self, index: int, ids: list[list[int]], x_last,
-                     stale: bool = False) -> list[tuple[Key, float | None]]:
+    def predict_keys(self, index: int, ids: list[list[int]], x_last, stale: bool = False) -> list[Key]:
         """Feed MoE layer number `index`'s routing (ids [T, k], MoE input of the newest token
-        x_last [D]) and return the keys to offer the cache with the probability that their layer
-        chooses them (None: not known), nearest first. Calls must come in forward order; a stale
-        call (its token has moved on) only updates the routing state."""
+        x_last [D]) and return the keys to offer the cache (`Predictor.candidates`), nearest and
+        likeliest first. Calls must come in forward order; a stale call (its token has moved on)
+        only updates the routing state."""
         logits = self.lookahead.rows(index, x_last).numpy() if x_last is not None and not stale else None
         query = self.state.update(index, ids, logits)
         self.predictor.observe(index, ids)
@@ -103,7 +101,7 @@ class Prefetcher:
             return []
         n = len(self.blocks)
         # this token's later layers, then the next token's (its first layers after the last)
-        return [((self.blocks[(index + a) % n].layer, e), p) for a, e, p in self.predictor.candidates(query)
+        return [(self.blocks[(index + a) % n].layer, e) for a, e, _ in self.predictor.candidates(query)
                 if index + a < 2 * n]
 
     def close(self) -> None:

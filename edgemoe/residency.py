@@ -115,25 +115,11 @@ class Residency:
                 return False
         return True
 
-    def room_for_prefetch(self, key: Key, probability: float | None = None) -> bool:
+    def room_for_prefetch(self, key: Key) -> bool:
         """Make room for prefetching `key` (not resident), evicting neither pinned experts nor
-        prefetches still waiting for their layer. With the predictor's probability that the
-        layer chooses `key` and a policy that prices residency (`Policy.value`: hits per step per
-        byte), a victim other than a stale prefetch must be worth less per byte than the
-        prefetch is likely to buy (probability / size): otherwise nothing is evicted and the
-        prefetch is refused. False when no room could be made."""
-        bar = probability / self.sizes[key] if probability is not None else None
-        waiting = set().union(*self.waiting.values())
-        while self.used() + self.sizes[key] > self.budget_bytes:
-            victim = self._victim(waiting)
-            if victim is None:
-                return False
-            if bar is not None and victim not in self.stale:
-                price = self.policy.value(victim)
-                if price is not None and price >= bar:
-                    return False
-            self._evict(victim)
-        return True
+        prefetches still waiting for their layer (stale ones go first); False when none could be
+        made. ExpertCache.prefetch and the replay both admit prefetches by this."""
+        return self.make_room(self.sizes[key], exclude=set().union(*self.waiting.values()))
 
     def begin_load(self, key: Key) -> None:
         self.in_flight_bytes += self.sizes[key]

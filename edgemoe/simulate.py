@@ -32,13 +32,12 @@ class SimResult:
 
 
 def simulate(trace: Trace, budget_bytes: int, policy: str, seed: int = 0, decode_only: bool = True,
-             prefetch: list[dict[int, list[tuple[Key, float | None]]]] | None = None,
-             score_from: int = 0) -> SimResult:
+             prefetch: list[dict[int, list[Key]]] | None = None, score_from: int = 0) -> SimResult:
     """decode_only: prompt prefills (multi-token steps) are replayed but not counted; nor are the
     steps before `score_from` (e.g. those a predictor was trained on).
 
-    prefetch: per step, per layer, (key, probability) offered as to `ExpertCache.prefetch` just
-    before that layer's demand accesses (aligned with trace.steps; `edgemoe.bench.predictor_compare.schedule` builds
+    prefetch: per step, per layer, keys offered as to `ExpertCache.prefetch` just before that
+    layer's demand accesses (aligned with trace.steps; `edgemoe.bench.predictor_compare.schedule` builds
     it). The engine's prefetch thread races its demand path, so with prefetch the replay
     approximates the engine rather than reproducing it."""
     seq = trace.demand_sequence()
@@ -48,9 +47,9 @@ def simulate(trace: Trace, budget_bytes: int, policy: str, seed: int = 0, decode
         hits = misses = nbytes = pf_bytes = pf_used = 0
         pf_hits0 = state.c.prefetch_hits
         for layer in sorted(step):
-            for key, probability in prefetch[i].get(layer, ()) if prefetch else ():
+            for key in prefetch[i].get(layer, ()) if prefetch else ():
                 # as ExpertCache.prefetch: skip resident keys, the same admission
-                if key in state.resident or not state.room_for_prefetch(key, probability):
+                if key in state.resident or not state.room_for_prefetch(key):
                     continue
                 state.begin_load(key)
                 state.finish_load(key, state.sizes[key], prefetched=True)

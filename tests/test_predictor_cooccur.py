@@ -65,7 +65,7 @@ def test_prefetch_demand_misses_against_belady():
 
 
 # demand misses on the whole trace (128 decode steps), split policy; docs/BENCHMARKS.md (#17)
-PREFETCH_MISSES = {0.10: (6655, 9061), 0.25: (3423, 2469)}  # (cooccur, belady demand-only)
+PREFETCH_MISSES = {0.10: (6491, 9061), 0.25: (3391, 2469)}  # (cooccur, belady demand-only)
 
 
 @pytest.mark.slow

@@ -1,8 +1,7 @@
 """Prefetch admission (`Residency.room_for_prefetch`, used by ExpertCache.prefetch and the
 replay): a prefetch its layer routed past unused is evicted first, prefetches still waiting for
-their layer are never evicted by another prefetch, and a guess with a probability is refused when
-what it would evict is worth more per byte; `cooccur`'s probabilities are calibrated on real
-routing (predicted vs observed frequency)."""
+their layer are never evicted by another prefetch; the prefetcher skips guesses whose layer has
+routed; `cooccur`'s probabilities are calibrated on real routing (predicted vs observed)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,7 +12,7 @@ from edgemoe.demo import demo_gguf
 from edgemoe.expert_cache import ExpertCache
 from edgemoe.expert_store import stock_experts
 from edgemoe.gguf_file import GGUFFile
-from edgemoe.policies import LayerSplit, make_policy
+from edgemoe.policies import make_policy
 from edgemoe.predictor.base import RoutingShape, make_predictor
 from edgemoe.predictor.replay import experts_at, queries, target
 from edgemoe.residency import Residency
@@ -64,46 +63,29 @@ def test_waiting_prefetches_are_not_evicted_by_prefetches():
     assert state.resident == {(1, 0), (1, 1)}
 
 
-def _split_with_a_valuable_expert() -> tuple[Residency, LayerSplit]:
-    """Layer 0 routes expert 0 on every one of 10 steps (layer 1 expert 0 between): its slot
-    hit 9 times in 10 steps."""
-    policy = LayerSplit()
-    state = Residency(SIZES, 2000, policy)
-    for _ in range(10):
-        for key in ((0, 0), (1, 0)):
-            _route(state, key)
-    return state, policy
-
-
-def test_a_guess_is_weighed_against_its_victim():
-    state, policy = _split_with_a_valuable_expert()
-    victim = policy.choose(state.resident, lambda k: True, state.clock)
-    worth = policy.value(victim) * state.sizes[victim]  # hits per step its slot buys
-    assert 0.8 < worth < 1.0
-    assert not state.room_for_prefetch((0, 1), probability=worth - 0.05)
-    assert state.resident == {(0, 0), (1, 0)}  # refused: nothing evicted
-    assert state.room_for_prefetch((0, 1), probability=worth + 0.05)
-    assert victim not in state.resident
-    state, _ = _split_with_a_valuable_expert()
-    assert state.room_for_prefetch((0, 1))  # no probability: admitted whenever room can be made
-    assert make_policy("lru").value((0, 0)) is None  # a policy without a price admits every guess
-
-
 def test_expert_cache_prefetch_admits_as_the_replay():
-    """The engine's and the budgeted llama.cpp mode's prefetch path is the same rule."""
+    """The engine's and the budgeted llama.cpp mode's prefetch path is the same rule: a guess its
+    layer did not use goes before the policy's choice, a waiting one is never evicted by a
+    prefetch."""
     path = demo_gguf()
     specs = stock_experts(GGUFFile(path))
     size = max(s.alloc_bytes for s in specs.values())
-    cache = ExpertCache(path, specs, 2 * size, LayerSplit(), 1 + max(k[0] for k in specs))
+    cache = ExpertCache(path, specs, 3 * size, make_policy("lru"), 1 + max(k[0] for k in specs))
     try:
-        for _ in range(10):
-            for key in ((0, 0), (1, 0)):
-                cache.acquire_many([key])
-                cache.release(key)
-        assert not cache.prefetch((0, 1), 0.5)
-        assert cache.resident == {(0, 0), (1, 0)}
-        assert cache.prefetch((0, 1), 0.99)
-        assert (0, 1) in cache.resident and len(cache.resident) == 2
+        for key in ((0, 0), (1, 0)):
+            cache.acquire_many([key])
+            cache.release(key)
+        assert cache.prefetch((1, 1))
+        assert not cache.prefetch((1, 1))  # resident already
+        assert cache.prefetch((1, 2))  # evicts LRU's (0, 0), not the waiting (1, 1)
+        assert cache.resident == {(1, 0), (1, 1), (1, 2)}
+        cache.acquire_many([(1, 2)])  # layer 1 routes (1, 2): (1, 1) is stale
+        cache.release((1, 2))
+        cache.acquire_many([(0, 3)])  # the miss evicts the stale guess, not LRU's (1, 0)
+        cache.release((0, 3))
+        assert cache.resident == {(1, 0), (1, 2), (0, 3)}
+        stats = cache.step_stats()
+        assert (stats.prefetch_hits, stats.prefetch_wasted) == (1, 1)
     finally:
         cache.close()
 
@@ -151,7 +133,7 @@ def test_reliability_maps_raw_to_observed():
 
 def test_prefetcher_skips_guesses_whose_layer_has_routed():
     """A prediction handled after its layer routed is not loaded (it would wait for the next
-    token and hold room); the rest go to the cache with their probabilities, in order."""
+    token and hold room); the rest go to the cache in order."""
     from types import SimpleNamespace
 
     from edgemoe.predictor.base import Predictor
@@ -164,16 +146,16 @@ def test_prefetcher_skips_guesses_whose_layer_has_routed():
             return [(1, 3, 0.5), (2, 1, None)]
 
     calls = []
-    cache = SimpleNamespace(prefetch=lambda key, p: calls.append((key, p)))
+    cache = SimpleNamespace(prefetch=calls.append)
     blocks = [SimpleNamespace(layer=l, observers=[], recorders=[]) for l in (0, 1, 2)]
     pf = Prefetcher(SimpleNamespace(moe_blocks=blocks), cache, Offers())
     try:
         pf.routed_at = (1, 0)
         pf._handle(1, 0, [[2]], None)
-        assert calls == [((1, 3), 0.5), ((2, 1), None)]
+        assert calls == [(1, 3), (2, 1)]
         calls.clear()
         pf.routed_at = (1, 1)  # the compute thread has routed layer 1 meanwhile
         pf._handle(1, 0, [[2]], None)
-        assert calls == [((2, 1), None)]
+        assert calls == [(2, 1)]
     finally:
         pf.close()

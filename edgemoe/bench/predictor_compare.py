@@ -51,8 +51,7 @@ class PredictorResult:
 
 @dataclass
 class Schedule:
-    # per step, per layer: (key, probability) offered to the cache before that layer's demand
-    loads: list[dict[int, list[tuple[Key, float | None]]]]
+    loads: list[dict[int, list[Key]]]  # per step, per layer: keys offered before that layer's demand
     predicted: int = 0   # distinct (target, expert) predictions on counted (decode) targets
     correct: int = 0
     actual: int = 0      # distinct (target, expert) demands on counted targets
@@ -70,11 +69,11 @@ def schedule(trace: Trace, predictor: Predictor, score_from: int = 0) -> Schedul
         if nxt is None:
             continue
         loads = sched.loads[nxt[0]].setdefault(trace.moe_layers[nxt[1]], [])
-        for ahead, e, probability in predictor.candidates(pt.query):
+        for ahead, e, _ in predictor.candidates(pt.query):
             t = target(trace, pt.step, pt.index, ahead)
             if t is None:
                 continue
-            loads.append(((trace.moe_layers[t[1]], e), probability))
+            loads.append((trace.moe_layers[t[1]], e))
             predicted.setdefault(t, set()).add(e)
     decode = [s for s, n in enumerate(trace.tokens_per_step()) if n == 1 and s >= score_from]
     for s in decode:

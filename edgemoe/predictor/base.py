@@ -95,9 +95,8 @@ class Predictor:
         return []
 
     def candidates(self, q: Query) -> Candidates:
-        """What the prefetcher offers the cache, in order: the prediction, with the probability
-        that the target layer chooses each expert where the predictor knows it (a prefetch with
-        a probability is weighed against what it would evict: `Residency.room_for_prefetch`)."""
+        """What the prefetcher offers the cache, likeliest first: the prediction, with the
+        probability that the target layer chooses each expert where the predictor knows it."""
         return [(a, e, None) for a, e in self.predict(q)]
 
 

@@ -19,8 +19,8 @@ Bayes probability that the target layer chooses e' (its k experts' probabilities
 overconfident, so it is calibrated online against what the target layer then chose
 (`edgemoe.predictor.calibration`). The cache is offered this layer's top-k and, beyond them,
 every expert whose calibrated probability beats the base rate top_k / n_experts (what an expert
-of the layer is chosen with, knowing nothing); with the probability attached, the cache weighs
-each against what it would evict (`Residency.room_for_prefetch`).
+of the layer is chosen with, knowing nothing). A wrong guess is cheap in misses because the cache
+evicts it first once its layer has routed (`Residency`); what it costs is the read.
 """
 from __future__ import annotations
 
