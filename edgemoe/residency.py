@@ -73,7 +73,10 @@ class Residency:
         future) index by."""
         self.clock += 1
         self.policy.touch(key, self.clock, slots)
-        for k in sorted(self.waiting.pop(key[0], ())):  # the layer routes: its other guesses missed
+        # the layer routes: its guesses not touched in this step missed. A step's keys are touched
+        # together before any load (acquire_many); a layer too big for the budget is acquired one
+        # key at a time, and there a later key's right guess may be taken for stale and go first
+        for k in sorted(self.waiting.pop(key[0], ())):
             self.stale[k] = None
         self.stale.pop(key, None)
 
