@@ -2,7 +2,7 @@
 setting into predicted tokens/s, which settings to confirm, and the recommendation rule.
 
 Memory: a setting needs runtime + dense + budget + KV + slack bytes (runtime measured: Python,
-torch and ggml before a model is opened; slack: measured, see SLACK_BYTES). Prefetches
+torch, ggml and an opened engine less its dense weights; slack: measured, see SLACK_BYTES). Prefetches
 count inside the budget, so prefetch adds nothing.
 
 Time per decode token = base + demand bytes x read cost + prefetch factor x prefetch bytes x read
@@ -20,10 +20,12 @@ from dataclasses import dataclass, field, replace
 from edgemoe.simulate import SimResult
 from edgemoe.tune.runs import RunResult
 
-# what an opened engine adds beyond runtime + dense + budget + KV (tokenizer vocab, malloc arenas,
-# the prefetch thread): measured 64 MiB without prefetch and 67 MiB with it on the demo model in a
-# fresh venv (CI, 2026-11-25), so 64 MiB was a knife edge
-SLACK_BYTES = 80 * 2**20
+# what a running engine adds beyond runtime (now measured after open) + dense + budget + KV, and
+# what a memory cgroup charges besides RSS (page tables, the file's unmapped cached pages): graph
+# buffers and bounce buffers measured 21-47 MiB on the Qwen3 slices (2026-12-01); with 80 MiB the
+# mixed Qwen3 slice under a 3 GiB cap sat at the cap and re-read dense pages (137 MiB/token from
+# the device vs 28 by its loader)
+SLACK_BYTES = 128 * 2**20
 MIN_SLOPE, MAX_SLOPE = 0.25, 50.0  # engine read cost per byte accepted, relative to the probe's
 POLICY_ORDER = ("split", "lru", "lfu", "hybrid", "random", "belady")  # ties: the default policy first
 
