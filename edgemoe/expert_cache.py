@@ -382,16 +382,25 @@ class ExpertCache:
         with self.cond:
             self.state.policy = policy  # Residency binds it and tells it what is resident
 
-    def step_stats(self) -> CacheStats:
-        """Counters since the previous call, plus the current residency."""
-        with self.cond:
+    def _residency_snapshot(self) -> tuple[tuple[int, ...], tuple[Key, ...]]:
+        """(resident bytes per layer, sorted resident keys), rebuilt only when residency changed:
+        sorting ~2,000 keys every token cost ~1.4 ms of a budgeted Qwen3-slice token at full budget."""
+        snap = getattr(self, "_snapshot", None)
+        if snap is None or snap[0] != self.state.version:
             per_layer = [0] * self.n_layers
             for layer, e in self.state.resident:
                 per_layer[layer] += self.state.sizes[(layer, e)]
+            snap = self._snapshot = (self.state.version, tuple(per_layer), tuple(sorted(self.state.resident)))
+        return snap[1], snap[2]
+
+    def step_stats(self) -> CacheStats:
+        """Counters since the previous call, plus the current residency."""
+        with self.cond:
+            per_layer, keys = self._residency_snapshot()
             c = self.state.take_counters()
             return CacheStats(c.hits, c.misses, c.evictions, c.prefetch_issued, c.prefetch_hits, c.prefetch_wasted,
                               c.bytes_read, c.stall_s, self.state.resident_bytes, self.state.budget_bytes,
-                              tuple(per_layer), tuple(sorted(self.state.resident)), c.low_served, c.low_token_slots,
+                              per_layer, keys, c.low_served, c.low_token_slots,
                               c.token_slots, self.low.nbytes if self.low else 0)
 
     def close(self) -> None:

@@ -212,9 +212,11 @@ class _Tap(RoutingTap):
     def _on_tensor(self, tensor, ask, user_data) -> bool:
         try:
             name = self.lib.ggml_get_name(tensor) or b""
+            if ask:  # llama.cpp asks about every graph node (~1,100 a token on the Qwen3 slice): stay cheap
+                if name.startswith(self.PREFIX):
+                    return name[len(self.PREFIX):].isdigit()
+                return self.want_inputs and name.startswith(self.NORM) and name[len(self.NORM):].isdigit()
             routed, moe_input = self._layer(name, self.PREFIX), self._layer(name, self.NORM)
-            if ask:
-                return routed is not None or (self.want_inputs and moe_input is not None)
             if self.error is not None or not self.runtime.ready:
                 return self.error is None
             if routed is not None:

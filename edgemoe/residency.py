@@ -42,6 +42,7 @@ class Residency:
         self.budget_bytes = budget_bytes
         self.resident: set[Key] = set()
         self.resident_bytes = 0
+        self.version = 0  # bumped whenever `resident` changes (step_stats reuses its snapshot till then)
         self.in_flight_bytes = 0
         self.pins: Counter[Key] = Counter()
         self.unused_prefetch: set[Key] = set()            # prefetched, not used yet
@@ -104,6 +105,7 @@ class Residency:
         self.stale.pop(victim, None)
         self.waiting.get(victim[0], set()).discard(victim)
         self.resident.discard(victim)
+        self.version += 1
         self.resident_bytes -= self.sizes[victim]
         self.policy.forget(victim)
         self.c.evictions += 1
@@ -133,6 +135,7 @@ class Residency:
     def finish_load(self, key: Key, nbytes_read: int, prefetched: bool) -> None:
         self.in_flight_bytes -= self.sizes[key]
         self.resident.add(key)
+        self.version += 1
         self.resident_bytes += self.sizes[key]
         self.policy.admit(key)
         self.c.bytes_read += nbytes_read
