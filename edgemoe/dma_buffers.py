@@ -24,8 +24,9 @@ MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
 
 
-def address_of(memory: mmap.mmap) -> int:
-    return ctypes.addressof(ctypes.c_char.from_buffer(memory))
+def address_of(buffer) -> int:
+    """Address of a writable buffer's first byte (an mmap, a memoryview of one; 0 when empty)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buffer)) if len(buffer) else 0
 
 
 def aligned_anonymous(nbytes: int) -> tuple[mmap.mmap, int]:
@@ -37,7 +38,7 @@ def aligned_anonymous(nbytes: int) -> tuple[mmap.mmap, int]:
     start = (-address_of(memory)) % HUGE_PAGE if pad else 0
     if pad and hasattr(memory, "madvise"):
         try:
-            memory.madvise(MADV_HUGEPAGE, start, nbytes - nbytes % mmap.PAGESIZE or mmap.PAGESIZE)
+            memory.madvise(MADV_HUGEPAGE, start, nbytes)
         except OSError:  # THP compiled out or disabled: plain pages
             pass
     return memory, start

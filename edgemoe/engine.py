@@ -90,7 +90,8 @@ class Engine:
         self.backend = CpuBackend(config.n_threads)
         self.specs = find_experts(self.file)
         n_layers = int(self.file.arch_field("block_count"))
-        budget = config.budget_bytes if config.budget_bytes is not None else sum(s.alloc_bytes for s in self.specs.values())
+        total = sum(s.alloc_bytes for s in self.specs.values())
+        budget = config.budget_bytes if config.budget_bytes is not None else total
         policy = make_policy(config.policy, list(config.future) if config.future else None, config.seed)
         low = None
         if config.dual_low_type:
@@ -101,8 +102,7 @@ class Engine:
         # expert arenas are repacked only when every expert fits: each is then repacked once, while
         # under a smaller budget every miss would pay the repack (single-threaded, slower than the
         # read: Mixtral slice at a 2.4 GiB budget decoded 0.60 tok/s repacked vs 1.09 plain)
-        repack_experts = config.repack and (budget >= sum(s.alloc_bytes for s in self.specs.values())
-                                            if config.repack_experts is None else config.repack_experts)
+        repack_experts = config.repack and (budget >= total if config.repack_experts is None else config.repack_experts)
         self.cache = arena_cache_class()(self.path, self.specs, budget, policy, n_layers, low, config.dual_load_above,
                                          stale, config.dual_background_load, repack_layouts=repack_experts)
         self.model = cls(self.file, self.backend, self.cache, kv_type=config.kv_type, n_batch=config.n_batch,

@@ -45,10 +45,6 @@ def memory_at(address: int, nbytes: int) -> memoryview:
     return memoryview((ctypes.c_char * nbytes).from_address(address)).cast("B")
 
 
-def _address(view: memoryview) -> int:
-    return ctypes.addressof(ctypes.c_char.from_buffer(view)) if view.nbytes else 0
-
-
 @dataclass(frozen=True)
 class LoaderStats:
     bytes_read: int
@@ -130,7 +126,7 @@ class ExpertLoader:
             view = memoryview(dest).cast("B")
             if view.readonly:
                 raise ValueError("ExpertLoader needs a writable destination buffer")
-            base = _address(view)
+            base = address_of(view)
             for offset, nbytes, pos in ranges:
                 if offset < 0 or nbytes < 0 or pos < 0 or pos + nbytes > view.nbytes:
                     raise ValueError(f"range ({offset}, {nbytes}) -> {pos} does not fit a {view.nbytes}-byte buffer")
@@ -230,7 +226,7 @@ class ExpertLoader:
                     raise ModelFileError(f"short read at byte {lo + got}: {got} of {need} bytes; "
                                          "the model file changed or was truncated while running")
                 got += n
-            ctypes.memmove(_address(into), address + offset - lo, into.nbytes)
+            ctypes.memmove(address_of(into), address + offset - lo, into.nbytes)
         finally:
             view.release()
 

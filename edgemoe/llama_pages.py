@@ -14,14 +14,13 @@ import os
 import sys
 from dataclasses import dataclass
 
-from edgemoe.dma_buffers import HUGE_PAGE, advise_huge
+from edgemoe.dma_buffers import HUGE_PAGE, MAP_NORESERVE, advise_huge
 from edgemoe.errors import EdgemoeError
 
 PAGE = mmap.PAGESIZE
 
 PROT_READ, PROT_WRITE = mmap.PROT_READ, mmap.PROT_WRITE
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
-MAP_NORESERVE = 0x4000
 MREMAP_MAYMOVE, MREMAP_FIXED, MREMAP_DONTUNMAP = 1, 2, 4
 MADV_RANDOM, MADV_DONTNEED, MADV_POPULATE_READ, MADV_POPULATE_WRITE = 1, 4, 22, 23
 MAP_FAILED = ctypes.c_void_p(-1).value

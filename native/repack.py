@@ -139,6 +139,7 @@ def staging(nbytes: int) -> np.ndarray:
     repacked; it grows to the largest matrix a thread loads and stays: no page faults per load)."""
     buf = getattr(_staging, "buf", None)
     if buf is None or buf.nbytes < nbytes:  # huge pages: the loader's O_DIRECT reads land here
-        memory, start = aligned_anonymous(max(nbytes, _PAGE))
-        _staging.buf = buf = np.frombuffer(memory, dtype=np.uint8, count=max(nbytes, _PAGE), offset=start)
+        size = max(nbytes, _PAGE)
+        memory, start = aligned_anonymous(size)
+        _staging.buf = buf = np.frombuffer(memory, dtype=np.uint8, count=size, offset=start)
     return buf[:nbytes]
