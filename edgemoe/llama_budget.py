@@ -11,6 +11,10 @@ the slots out and map the file back. The prefetcher loads the next layer's predi
 the background within the budget: router speculation reads `ffn_norm-<layer>` (the MoE input)
 from the same callback and applies the next layer's router to it.
 
+That is the slots layout. At a budget that holds every expert there is nothing to decide, and
+llama.cpp loads the file with its own defaults instead (CPU repack on: edgemoe/llama_full.py);
+a budget lowered live below that reopens the model in the slots layout.
+
     rt = BudgetedLlama(path, BudgetedConfig(budget_bytes=2 << 30, policy="split", prefetch=True))
     for event in rt.stream_generate("def f(x):", 32): ...   # StepEvents with CacheStats
     rt.close()
@@ -18,31 +22,31 @@ from the same callback and applies the next layer's router to it.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Iterator
 
-from edgemoe.errors import EdgemoeError, InputError
+from edgemoe.errors import InputError
 from edgemoe.events import CacheStats, StepEvent
 from edgemoe.expert_cache import ExpertCache
 from edgemoe.expert_loader import ExpertLoader
 from edgemoe.expert_store import stock_experts
 from edgemoe.gguf_file import GGUFFile, ModelFileError
 from edgemoe.llama_backend import AttachedThreadpool, RoutingTap, open_llama, stream_generate
-from edgemoe.llama_pages import PAGE, Mapping, file_mappings, mapping_rss_bytes, probe_dontunmap, resident_pages
+from edgemoe.llama_full import LoadedExpertCache, default_layout
+from edgemoe.llama_load import LlamaApiMissing, check_api, find_llama_mapping, load_params  # noqa: F401 (re-exported)
+from edgemoe.llama_pages import PAGE, file_mappings, mapping_rss_bytes, probe_dontunmap, resident_pages
 from edgemoe.llama_slots import ExpertPages, MappedExperts, expert_pages, expert_runs, page_runs
 from edgemoe.policies import DEFAULT_POLICY, Key, make_policy
 from edgemoe.predictor.base import DEFAULT_PREDICTOR
 from edgemoe.residency import BudgetError
 
-LLAMA_LAZY_MODE_OFF = 0  # llama.cpp's own on-demand row reads would bypass our mapping
-
-
-class LlamaApiMissing(EdgemoeError, RuntimeError):
-    """The installed llama-cpp-python lacks what the budgeted mode needs."""
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -59,12 +63,7 @@ class BudgetedConfig:
     gpu_layers: int = 0                # dense layers on the GPU, experts kept in RAM (GPU builds only)
     expert_overrides: bool | None = None  # expert tensors pinned to CPU memory (default: when gpu_layers)
     future: tuple[Key, ...] | None = None  # the belady policy's future accesses
-
-
-def _low_level():
-    from llama_cpp import llama_cpp as low
-
-    return low
+    full_layout: bool | None = None    # llama.cpp's default layout: None = when the budget holds every expert
 
 
 def budgeted_config(config, gpu_layers: int = 0) -> BudgetedConfig:
@@ -76,71 +75,6 @@ def budgeted_config(config, gpu_layers: int = 0) -> BudgetedConfig:
     return BudgetedConfig(budget_bytes=config.budget_bytes, policy=config.policy, prefetch=config.prefetch,
                           predictor=config.predictor, predictor_path=config.predictor_path, n_ctx=config.n_ctx,
                           seed=config.seed, n_threads=config.n_threads, gpu_layers=gpu_layers, future=config.future)
-
-
-def check_api(gpu_layers: int = 0) -> None:
-    """One clear line if this llama-cpp-python cannot run the budgeted mode."""
-    import llama_cpp
-
-    low = _low_level()
-    version = getattr(llama_cpp, "__version__", "?")
-    model = {name for name, _ in low.llama_model_params._fields_}
-    context = {name for name, _ in low.llama_context_params._fields_}
-    missing = [f"llama_model_params.{f}" for f in ("use_extra_bufts", "load_mode", "lazy_mode") if f not in model]
-    missing += [f"llama_context_params.{f}" for f in ("cb_eval", "cb_eval_user_data") if f not in context]
-    if gpu_layers:
-        missing += [f"llama_model_params.{f}" for f in ("tensor_buft_overrides", "n_gpu_layers") if f not in model]
-    if missing:
-        raise LlamaApiMissing(f"llama-cpp-python {version} lacks {', '.join(missing)}, which the budgeted llama mode "
-                              "needs (0.3.36 has them); run without --budget, or use --backend edgemoe")
-    if gpu_layers and not low.llama_supports_gpu_offload():
-        raise LlamaApiMissing(f"this llama-cpp-python {version} build has no GPU backend, so --gpu-layers "
-                              f"{gpu_layers} cannot offload anything; rebuild it with CUDA or Vulkan, or drop --gpu-layers")
-
-
-class _OverrideEntry(ctypes.Structure):
-    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]  # llama_model_tensor_buft_override
-
-
-EXPERT_TENSORS = rb"blk\.\d+\.ffn_(gate|up|down|gate_up)_exps"  # what llama.cpp's --cpu-moe keeps in RAM
-
-
-def load_params(gpu_layers: int, expert_overrides: bool) -> tuple[dict, dict, object]:
-    """(model params, context params, what must stay alive while loading). CPU: mmap, no repack,
-    no lazy reads. GPU: also dense layers on the device and expert tensors in CPU memory (mmap,
-    tensor buffer overrides), with no op offload (it would copy every expert to the device for
-    big batches). UNTESTED on a GPU: no GPU was available where this was written."""
-    model = dict(use_extra_bufts=False, lazy_mode=LLAMA_LAZY_MODE_OFF)
-    if not expert_overrides:
-        return model, {}, None
-    from edgemoe.native.lib import ggml_base
-
-    lib = ggml_base()
-    lib.ggml_backend_cpu_buffer_type.restype = ctypes.c_void_p
-    overrides = (_OverrideEntry * 2)(_OverrideEntry(EXPERT_TENSORS, lib.ggml_backend_cpu_buffer_type()),
-                                     _OverrideEntry(None, None))
-    model.update(n_gpu_layers=gpu_layers, tensor_buft_overrides=ctypes.addressof(overrides))
-    return model, dict(op_offload=False) if gpu_layers else {}, overrides
-
-
-def find_llama_mapping(path, before: list[Mapping], runs: list[tuple[int, int]]) -> Mapping:
-    """llama.cpp's mapping of the tensor data: a mapping made during load that covers every
-    expert page at its file offset (VMAs of one mapping are merged); of several, the one
-    llama.cpp populated (most resident pages)."""
-    lo, hi = runs[0][0], runs[-1][0] + runs[-1][1]
-    new = sorted(m for m in file_mappings(path) if m not in before)
-    merged: list[Mapping] = []
-    for m in new:
-        last = merged[-1] if merged else None
-        if last and m.start == last.end and m.offset == last.offset + last.size:
-            merged[-1] = Mapping(last.start, m.end, last.perms, last.offset)
-        else:
-            merged.append(m)
-    covering = [m for m in merged if m.covers(lo, hi - lo)]
-    if not covering:
-        raise ModelFileError(f"llama.cpp did not map {path} where its experts lie (bytes {lo}..{hi}); the "
-                             "budgeted mode needs llama.cpp to load with mmap")
-    return max(covering, key=lambda m: mapping_rss_bytes(m.start, m.end)[0])
 
 
 def file_geometry(model: GGUFFile) -> tuple[dict, list[tuple[int, int]], dict[Key, ExpertPages]]:
@@ -159,12 +93,16 @@ def _smallest(geometry: dict[Key, ExpertPages], top_k: int) -> int:
     return top_k * max(g.charge_bytes for g in geometry.values())
 
 
+def _every_expert(geometry: dict[Key, ExpertPages]) -> int:
+    """The budget that holds every expert (what the budget counts per expert, summed)."""
+    return sum(g.charge_bytes for g in geometry.values())
+
+
 def budget_range(path) -> tuple[int, int]:
     """(smallest, full) expert budget of the budgeted mode on `path`, as llama.cpp maps experts."""
     model = GGUFFile(path)
     geometry = file_geometry(model)[2]
-    return _smallest(geometry, int(model.arch_field("expert_used_count", 1))), sum(
-        g.charge_bytes for g in geometry.values())
+    return _smallest(geometry, int(model.arch_field("expert_used_count", 1))), _every_expert(geometry)
 
 
 class MappedExpertCache(ExpertCache):
@@ -249,17 +187,17 @@ class BudgetedLlama:
         self.top_k = int(self.file.arch_field("expert_used_count", 1))
         self.n_expert = int(self.file.arch_field("expert_count", 1))
         self._check_budget(config.budget_bytes)
-        self.ready = False
+        self.full_bytes, self.ready = _every_expert(self.geometry), False
         self.moe_layers = sorted({k[0] for k in self.specs})
         self.n_layers = int(self.file.arch_field("block_count", 0))
         self.llm = self.threads = self.pages = self.cache = self.prefetcher = None
+        self.layout = ""  # "default": llama.cpp's own load, every expert resident; "slots": budgeted
+        self.warnings: list[str] = []
         self._pinned: list[Key] = []
         self._streamed: list[Key] = []
-        try:
-            self._open()
-        except BaseException:
-            self.close()
-            raise
+        self._lock = threading.Lock()  # a reopen (set_budget) never runs under a reply
+        self._streaming = False
+        self._open(default_layout(config.full_layout, config.budget_bytes, self.full_bytes), config.budget_bytes)
 
     def _check_budget(self, budget_bytes: int) -> None:
         need = _smallest(self.geometry, self.top_k)
@@ -267,11 +205,20 @@ class BudgetedLlama:
             raise BudgetError(f"expert budget {budget_bytes / 2**20:.2f} MiB is below one layer's {self.top_k} chosen "
                               f"experts ({need / 2**20:.2f} MiB as llama.cpp maps them); raise --budget to at least that")
 
-    def _open(self) -> None:
+    def _open(self, default: bool, budget_bytes: int) -> None:
+        """Load the model in the default or the slots layout; on failure nothing stays open."""
+        try:
+            self._load(default, budget_bytes)
+        except BaseException:
+            self.close()
+            raise
+
+    def _load(self, default: bool, budget_bytes: int) -> None:
         c = self.config
         overrides = c.expert_overrides if c.expert_overrides is not None else c.gpu_layers > 0
-        model_params, context_params, keep = load_params(c.gpu_layers, overrides)
-        predictor = self._predictor() if c.prefetch else None
+        model_params, context_params, keep = load_params(c.gpu_layers, overrides, default)
+        # the default layout holds every expert: a prefetch would have nothing to load, so none runs
+        predictor = self._predictor() if c.prefetch and not default else None
         want_inputs = bool(predictor is not None and predictor.needs_logits)
         self.tap = _Tap(self, self.top_k, self.n_expert, int(self.file.arch_field("embedding_length")), want_inputs)
         before = file_mappings(self.path)
@@ -279,12 +226,17 @@ class BudgetedLlama:
                               n_threads=c.n_threads, model_params=model_params, context_params=context_params)
         del keep  # llama.cpp copied the override list while loading
         self.threads = AttachedThreadpool(self.llm)
-        mapping = find_llama_mapping(self.path, before, expert_runs(self.geometry))
-        self.pages = MappedExperts(self.path, mapping, self.geometry, ExpertLoader(self.path), c.budget_bytes)
-        self.pages.drop_all(page_runs(self.dense_ranges),
-                            [m for m in file_mappings(self.path) if not mapping.start <= m.start < mapping.end])
         policy = make_policy(c.policy, list(c.future) if c.future else None, seed=c.seed)
-        self.cache = MappedExpertCache(self.path, self.specs, self.pages, c.budget_bytes, policy, self.n_layers)
+        self.layout = "default" if default else "slots"
+        if default:
+            sizes = {k: g.charge_bytes for k, g in self.geometry.items()}
+            self.cache = LoadedExpertCache(self.path, self.specs, sizes, budget_bytes, policy, self.n_layers)
+        else:
+            mapping = find_llama_mapping(self.path, before, expert_runs(self.geometry))
+            self.pages = MappedExperts(self.path, mapping, self.geometry, ExpertLoader(self.path), budget_bytes)
+            self.pages.drop_all(page_runs(self.dense_ranges),
+                                [m for m in file_mappings(self.path) if not mapping.start <= m.start < mapping.end])
+            self.cache = MappedExpertCache(self.path, self.specs, self.pages, budget_bytes, policy, self.n_layers)
         if predictor is not None:
             from edgemoe.prefetch import Prefetcher
 
@@ -301,10 +253,9 @@ class BudgetedLlama:
                        for l in self.moe_layers]
         self.block_of = {b.layer: b for b in self.blocks}
         shim = SimpleNamespace(path=self.path, file=self.file, model=SimpleNamespace(moe_blocks=self.blocks))
-        predictor, self.warnings = engine_predictor(shim, self.config.predictor, self.config.predictor_path)
+        predictor, warnings = engine_predictor(shim, self.config.predictor, self.config.predictor_path)
+        self.warnings += warnings
         return predictor
-
-    warnings: list[str] = []
 
     # ---- the eval callback's side ---------------------------------------------------------
     def on_moe_input(self, layer: int, x) -> None:
@@ -319,6 +270,9 @@ class BudgetedLlama:
         self._finish_layer()
         slots = Counter((layer, e) for row in ids for e in row)  # the tokens routed to each expert
         keys = sorted(slots)
+        if self.pages is None:  # the default layout: every expert is in llama.cpp's own buffers
+            self.cache.route(keys, [slots[k] for k in keys])
+            return
         if self.prefetcher is not None:  # a wrong guess for this layer must not hold up its demand reads
             self.cache.cancel_prefetches(layer, set(keys))
         fit, rest = self._split(keys)
@@ -371,9 +325,14 @@ class BudgetedLlama:
     # ---- generation -----------------------------------------------------------------------
     def stream_generate(self, prompt: str | list[int], max_tokens: int = 64, temperature: float = 0.0,
                         top_p: float = 1.0, seed: int | None = None) -> Iterator[StepEvent]:
-        self.cache.check_file()
-        yield from stream_generate(self.llm, prompt, max_tokens, temperature, self.tap, top_p=top_p, seed=seed,
-                                   cache=self)
+        with self._lock:  # waits for a reopen in progress
+            self._streaming = True
+        try:
+            self.cache.check_file()
+            yield from stream_generate(self.llm, prompt, max_tokens, temperature, self.tap, top_p=top_p, seed=seed,
+                                       cache=self)
+        finally:
+            self._streaming = False
 
     def residency(self) -> CacheStats:
         """The residency now (counters since the last step are consumed, as the engine's)."""
@@ -381,24 +340,49 @@ class BudgetedLlama:
 
     def set_budget(self, budget_bytes: int) -> None:
         """Resize live (the chat's F3): evicts down to the new budget, which must still hold one
-        layer's chosen experts."""
+        layer's chosen experts. In the default layout, one below every expert reopens the model in
+        the slots layout (llama.cpp's repacked buffers cannot give experts back). Raised back to
+        every expert it stays in the slots layout, filled on demand: no second load for a resize."""
         self._check_budget(budget_bytes)
+        with self._lock:
+            if self.layout == "default" and not default_layout(self.config.full_layout, budget_bytes,
+                                                                self.full_bytes):
+                self._reopen_in_slots(budget_bytes)
+                return
         self.cache.set_budget(budget_bytes)
+
+    def _reopen_in_slots(self, budget_bytes: int) -> None:
+        mib = lambda n: f"{n / 2**20:.2f} MiB"  # noqa: E731
+        if self._streaming:
+            raise BudgetError(f"an expert budget of {mib(budget_bytes)}, below every expert ({mib(self.full_bytes)}), "
+                              "reloads the model in the slots layout; wait for the reply to end, then set it again")
+        message = (f"expert budget {mib(budget_bytes)} is below every expert ({mib(self.full_bytes)}): reloading "
+                   f"{self.path.name} without llama.cpp's CPU repack (slots layout); the next prompt is prefilled whole")
+        log.warning(message)
+        self.warnings.append(message)
+        self.close()
+        self._open(False, budget_bytes)
 
     def set_policy(self, name: str) -> None:
         self.cache.set_policy(make_policy(name, seed=self.config.seed))
 
-    def resident_expert_bytes(self) -> int:
+    def resident_expert_bytes(self) -> int | None:
         """Measured, not counted (mincore): expert pages resident in llama.cpp's mapping (in the
         page cache, or slots moved in) plus the pages still at the slots' homes (free slots, and
-        the spare page of a slot whose expert's interior is one page shorter)."""
+        the spare page of a slot whose expert's interior is one page shorter). None in the default
+        layout: llama.cpp's own (repacked) buffers hold the experts there."""
+        if self.pages is None:
+            return None
         with self.pages.lock:
             mapped = sum(sum(resident_pages(self.pages.addr(o), n)) for o, n in expert_runs(self.geometry))
             home = sum(sum(resident_pages(a, size)) for a, size in self.pages.pool.sizes.items())
         return (mapped + home) * PAGE
 
-    def file_rss_bytes(self) -> int:
-        """RssFile of llama.cpp's mapping (file pages it has mapped): the dense weights after load."""
+    def file_rss_bytes(self) -> int | None:
+        """RssFile of llama.cpp's mapping (file pages it has mapped): the dense weights after load
+        (None in the default layout, which leaves llama.cpp's mapping alone)."""
+        if self.pages is None:
+            return None
         m = self.pages.mapping
         return mapping_rss_bytes(m.start, m.end)[0]
 

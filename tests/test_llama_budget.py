@@ -1,6 +1,8 @@
 """Budgeted llama.cpp (`--backend llama --budget`): the same greedy tokens as plain llama.cpp at
 every budget, policy and prefetch setting; the budget is hard where the kernel can tell (mincore
-after every token); RssFile falls to the dense weights after load; clear one-line refusals."""
+after every token); RssFile falls to the dense weights after load; clear one-line refusals. A
+budget holding every expert runs llama.cpp's default layout (CPU repack: the same logits as plain
+llama.cpp), and lowering it live reopens the model in the slots layout."""
 from __future__ import annotations
 
 import errno
@@ -15,7 +17,8 @@ from edgemoe.demo import demo_gguf
 from edgemoe.expert_store import stock_experts
 from edgemoe.gguf_file import ExpertReadError, GGUFFile
 from edgemoe.llama_backend import open_llama, stream_generate
-from edgemoe.llama_budget import BudgetedConfig, BudgetedLlama, LlamaApiMissing, check_api
+from edgemoe.errors import InputError
+from edgemoe.llama_budget import BudgetedConfig, BudgetedLlama, LlamaApiMissing, budget_range, check_api
 from edgemoe.llama_pages import PAGE
 from edgemoe.residency import BudgetError
 
@@ -58,21 +61,26 @@ def demo(tmp_path_factory):
     return path, _plain_tokens(path)
 
 
-def _run(path, share, **kw):
+def _run(path, share, full_layout=False, **kw):
+    """The slots layout unless asked: its pages are what mincore measures."""
     budget = int(_expert_total(path) * share)
-    rt = BudgetedLlama(path, BudgetedConfig(budget_bytes=budget, n_ctx=256, **kw))
-    checks = []
+    rt = BudgetedLlama(path, BudgetedConfig(budget_bytes=budget, n_ctx=256, full_layout=full_layout, **kw))
     try:
         after_load = rt.file_rss_bytes()
-        events = []
-        for event in rt.stream_generate(PROMPT, N_TOKENS):
-            events.append(event)
-            # between tokens no expert is being computed: everything resident is within the budget
-            checks.append((rt.resident_expert_bytes(), rt.cache.resident_bytes + rt.cache.in_flight_bytes,
-                           rt.file_rss_bytes()))
+        events, checks = _stream_checked(rt)
         return rt, events, after_load, checks
     finally:
         rt.close()
+
+
+def _stream_checked(rt):
+    events, checks = [], []
+    for event in rt.stream_generate(PROMPT, N_TOKENS):
+        events.append(event)
+        # between tokens no expert is being computed: everything resident is within the budget
+        checks.append((rt.resident_expert_bytes(), rt.cache.resident_bytes + rt.cache.in_flight_bytes,
+                       rt.file_rss_bytes()))
+    return events, checks
 
 
 CASES = [(1.0, "lru", None), (0.6, "lru", None), (0.3, "lru", None), (0.3, "lfu", None), (0.3, "random", None),
@@ -120,7 +128,7 @@ def test_missing_llama_api_is_one_clear_line(monkeypatch):
     fields = [f for f in low.llama_model_params._fields_ if f[0] != "use_extra_bufts"]
     fake = SimpleNamespace(llama_model_params=SimpleNamespace(_fields_=fields),
                            llama_context_params=low.llama_context_params)
-    monkeypatch.setattr("edgemoe.llama_budget._low_level", lambda: fake)
+    monkeypatch.setattr("edgemoe.llama_load._low_level", lambda: fake)
     with pytest.raises(LlamaApiMissing, match=r"lacks llama_model_params.use_extra_bufts, which the budgeted"):
         check_api()
 
@@ -175,3 +183,85 @@ def test_other_architectures(arch, tiny_checkpoint, tmp_path):
     assert [e.token for e in events] == expected
     assert all(m <= rt.config.budget_bytes for m, _, _ in checks), (rt.config.budget_bytes, [c for c in checks if c[0] > rt.config.budget_bytes])
     assert sum(e.cache.misses for e in events) > 0
+
+
+# ---- a budget that holds every expert: llama.cpp's default layout ---------------------------
+def test_full_budget_runs_the_default_layout_and_counts_every_expert_a_hit(demo):
+    path, expected = demo
+    full = budget_range(path)[1]
+    rt = BudgetedLlama(path, BudgetedConfig(budget_bytes=full + 4096, n_ctx=256, prefetch=True))
+    try:
+        assert rt.layout == "default" and rt.prefetcher is None, "nothing to prefetch: every expert is resident"
+        assert rt.resident_expert_bytes() is None, "llama.cpp's own buffers: nothing for mincore to attribute"
+        events = list(rt.stream_generate(PROMPT, N_TOKENS))
+        assert [e.token for e in events] == expected
+        n_moe = len(rt.moe_layers)
+        for e in events:
+            c = e.cache
+            assert c.misses == c.evictions == c.bytes_read == c.prefetch_issued == 0
+            assert c.resident_bytes == full and c.budget_bytes == full + 4096
+            assert set(c.resident_experts) == set(rt.specs)
+        for e in events[1:]:  # a decode token: each MoE layer routes it to top_k distinct experts, all hits
+            assert e.cache.hits == e.cache.token_slots == n_moe * rt.top_k
+        assert events[0].cache.hits > n_moe * rt.top_k, "the prefill's tokens are counted too"
+        assert rt.cache.loader.stats().reads == 0, "llama.cpp read the experts while loading, the cache reads none"
+
+        stream = rt.stream_generate(PROMPT, N_TOKENS)
+        next(stream)
+        with pytest.raises(BudgetError, match="wait for the reply to end"):
+            rt.set_budget(full // 2)
+        stream.close()
+        assert rt.layout == "default"
+
+        rt.set_budget(full // 2)  # below every expert: reopened in the slots layout
+        assert rt.layout == "slots" and rt.prefetcher is not None and "slots layout" in rt.warnings[-1]
+        events, checks = _stream_checked(rt)
+        assert [e.token for e in events] == expected
+        assert sum(e.cache.misses for e in events) > 0
+        for measured, counted, _ in checks:
+            assert measured <= full // 2 and counted <= full // 2
+        rt.set_budget(full)  # back up: stays in the slots layout, the cache fills on demand
+        assert rt.layout == "slots" and rt.cache.budget_bytes == full
+        assert [e.token for e in rt.stream_generate(PROMPT, N_TOKENS)] == expected
+    finally:
+        rt.close()
+
+
+def _last_logits(llm, prompt: str):
+    import llama_cpp
+    import numpy as np
+
+    llm.reset()
+    llm.eval(llm.tokenize(prompt.encode(), add_bos=True, special=False))
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(llm.n_vocab(),)).copy()
+
+
+def test_default_layout_is_plain_llama_cpps_load(tiny_checkpoint, tmp_path):
+    """On a q4_k file llama.cpp's CPU repack changes the kernels' sums: the default layout's logits
+    equal plain llama.cpp's defaults exactly, the slots layout's those of llama.cpp without repack
+    (also after a live budget change reopened the model)."""
+    path = convert(tiny_checkpoint("mixtral"), tmp_path / "m.gguf", "q4_k").path
+    plain = {}
+    for name, params in (("default", None), ("no repack", dict(use_extra_bufts=False))):
+        llm = open_llama(path, n_ctx=128, model_params=params)
+        plain[name] = _last_logits(llm, PROMPT)
+        llm.close()
+    assert (plain["default"] != plain["no repack"]).any(), "this file must be one llama.cpp repacks"
+    full = budget_range(path)[1]
+    for full_layout, layout, reference in ((None, "default", "default"), (False, "slots", "no repack")):
+        rt = BudgetedLlama(path, BudgetedConfig(budget_bytes=full, n_ctx=128, full_layout=full_layout))
+        try:
+            assert rt.layout == layout
+            got = _last_logits(rt.llm, PROMPT)
+            rt.end_step()
+            assert (got == plain[reference]).all(), (layout, abs(got - plain[reference]).max())
+            if layout == "default":
+                rt.set_budget(full // 2)
+                assert rt.layout == "slots"
+                got = _last_logits(rt.llm, PROMPT)
+                rt.end_step()
+                assert (got == plain["no repack"]).all()
+        finally:
+            rt.close()
+    with pytest.raises(InputError, match="full_layout=True needs a budget that holds every expert"):
+        BudgetedLlama(path, BudgetedConfig(budget_bytes=full // 2, full_layout=True))

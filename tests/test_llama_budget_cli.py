@@ -30,6 +30,11 @@ def test_generate_budgeted_llama_prints_the_same_text_as_stock():
     assert budgeted.stdout == stock.stdout
     assert "backend llama + edgemoe cache" in budgeted.stderr and "hits" in budgeted.stderr
     assert "expert reads" in budgeted.stderr and "GB/s" in budgeted.stderr
+    # 100% holds every expert as the budgeted mode counts them: llama.cpp's default layout, no reads
+    full = _cli("generate", "--backend", "llama", "-n", "16", "-p", PROMPT, "--budget", "100%", "--stats")
+    assert full.returncode == 0 and full.stdout == stock.stdout, full.stderr
+    steps = full.stderr.count("[token ")
+    assert steps > 0 and full.stderr.count(" misses 0 read 0.00 MiB") == steps and "expert reads" not in full.stderr
 
 
 def test_max_memory_picks_the_largest_budget_that_fits():
@@ -82,5 +87,31 @@ def test_chat_backend_controls_the_cache_live():
         chat.llm.reset()
         again = list(chat.stream(ids, Sampling(0.0, 1.0, 20)))
         assert "".join(e.text for e in again) == expected
+    finally:
+        chat.close()
+
+
+def test_chat_lowering_a_full_budget_reopens_the_model_in_the_slots_layout():
+    """At a budget holding every expert the chat runs llama.cpp's default layout; F3 below it
+    reopens the model (the chat follows the runtime's new llama.cpp context) and the text stays."""
+    from edgemoe.llama_budget import budget_range
+
+    path = demo_gguf()
+    llm = open_llama(path, n_ctx=512)
+    expected = "".join(e.text for e in stream_generate(llm, PROMPT, 20))
+    llm.close()
+    full = budget_range(path)[1]
+    chat = open_backend(path, "llama", EngineConfig(budget_bytes=full, n_ctx=512))
+    try:
+        assert chat.runtime.layout == "default" and chat.residency().resident_bytes == full
+        ids = chat.llm.tokenize(PROMPT.encode(), add_bos=True, special=False)
+        events = list(chat.stream(ids, Sampling(0.0, 1.0, 20)))
+        assert "".join(e.text for e in events) == expected and sum(e.cache.misses for e in events) == 0
+        old_llm = chat.llm
+        smaller = chat.set_budget(full // 3)
+        assert chat.runtime.layout == "slots" and chat.llm is not old_llm and chat.tap is chat.runtime.tap
+        assert smaller.budget_bytes == full // 3 and smaller.resident_bytes == 0
+        again = list(chat.stream(ids, Sampling(0.0, 1.0, 20)))
+        assert "".join(e.text for e in again) == expected and sum(e.cache.misses for e in again) > 0
     finally:
         chat.close()

@@ -148,15 +148,24 @@ class LlamaChat(_OneStream):
         self.reuse_kv, self.seed, self.runtime = reuse_kv, seed, runtime
         self.info, model = read_info(path, self.name, n_ctx)
         if runtime is None:
-            self.tap = RoutingTap(int(model.arch_field("expert_used_count", 1)),
-                                  int(model.arch_field("expert_count", 1)))
-            self.llm = open_llama(path, n_ctx=n_ctx, seed=seed, routing=self.tap, n_threads=n_threads)
+            self._tap = RoutingTap(int(model.arch_field("expert_used_count", 1)),
+                                   int(model.arch_field("expert_count", 1)))
+            self._llm = open_llama(path, n_ctx=n_ctx, seed=seed, routing=self._tap, n_threads=n_threads)
         else:
-            self.tap, self.llm, self.warnings = runtime.tap, runtime.llm, list(runtime.warnings)
+            self.warnings = list(runtime.warnings)
             self.controls_cache, self.policy, self.prefetch = True, runtime.config.policy, runtime.config.prefetch
         self.vocab = vocab_of(model, lambda text, add_bos, special: self.llm.tokenize(
             text.encode("utf-8"), add_bos=add_bos, special=special))
         self.expert_bytes_total = self.info.summary.expert_bytes
+
+    # the runtime's own: a live budget change may reopen its model (edgemoe/llama_full.py)
+    @property
+    def llm(self):
+        return self.runtime.llm if self.runtime else self._llm
+
+    @property
+    def tap(self):
+        return self.runtime.tap if self.runtime else self._tap
 
     def stream(self, ids: list[int], sampling: Sampling) -> Iterator[StepEvent]:
         from edgemoe.llama_backend import stream_generate

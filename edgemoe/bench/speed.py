@@ -1,7 +1,8 @@
 """`edgemoe bench`: edgemoe vs llama.cpp on the same GGUF, measured side by side in one run.
 
 For each model: llama.cpp's prefill and decode tokens/s, the budgeted llama.cpp mode (llama.cpp
-computing, edgemoe's cache holding every expert), then the edgemoe engine at full
+computing, edgemoe's cache holding every expert; in llama.cpp's default layout, as it runs at
+that budget, and in the slots layout smaller budgets use), then the edgemoe engine at full
 expert budget and at smaller shares of the expert bytes, with hit rates next to Belady's
 (replayed on the routing recorded at full budget: same prompt, same tokens) and where each
 millisecond of a decode token goes. An extended-layout file (mixed precision, compressed) runs in
@@ -52,16 +53,18 @@ def bench_llama(path: Path, prompt_ids: list[int], n_tokens: int, n_threads: int
     return prefill, events[-1].tokens_per_s
 
 
-def bench_llama_budget(path: Path, prompt_ids: list[int], n_tokens: int, n_threads: int, policy: str) -> dict:
+def bench_llama_budget(path: Path, prompt_ids: list[int], n_tokens: int, n_threads: int, policy: str,
+                       full_layout: bool | None = None) -> dict:
     """llama.cpp computing, edgemoe's cache holding every expert (the budgeted mode at full budget):
     every expert is placed untimed first, as llama.cpp reads its weights when it loads, then timed
     as bench_llama times plain llama.cpp. What it costs over plain llama.cpp is the eval callback
-    and the cache's bookkeeping per layer."""
+    and the cache's bookkeeping per layer, and in the slots layout (`full_layout=False`) also no
+    CPU repack. `layout`: which one ran (BudgetedLlama.layout)."""
     from edgemoe.llama_budget import BudgetedConfig, BudgetedLlama, budget_range
 
     full = budget_range(path)[1]
     rt = BudgetedLlama(path, BudgetedConfig(budget_bytes=full, policy=policy, n_ctx=len(prompt_ids) + n_tokens + 8,
-                                            n_threads=n_threads))
+                                            n_threads=n_threads, full_layout=full_layout))
     try:
         for key in rt.specs:
             rt.cache.prefetch(key)
@@ -75,7 +78,8 @@ def bench_llama_budget(path: Path, prompt_ids: list[int], n_tokens: int, n_threa
         events = list(rt.stream_generate(text, n_tokens))
         decode = events[1:]
         hits, misses = sum(e.cache.hits for e in decode), sum(e.cache.misses for e in decode)
-        return dict(prefill=prefill, decode=events[-1].tokens_per_s, hit_rate=hits / max(hits + misses, 1))
+        return dict(prefill=prefill, decode=events[-1].tokens_per_s, hit_rate=hits / max(hits + misses, 1),
+                    layout=rt.layout)
     finally:
         rt.close()
 
@@ -124,8 +128,9 @@ def bench_engine(path: Path, prompt_ids: list[int], n_tokens: int, config: Engin
 
 def run_bench(path: Path, prompt: str, n_tokens: int, shares: list[float], n_threads: int, policy: str = "lru",
               prefetch: bool = False, kv_type: str = "f16", on_row=None, budgeted: bool = True) -> list[BenchRow]:
-    """budgeted: also the budgeted llama.cpp mode at full budget (`llama.cpp+cache/POLICY`, beside
-    plain llama.cpp: #13's "full budget >= 0.95x")."""
+    """budgeted: also the budgeted llama.cpp mode at full budget beside plain llama.cpp (#13's "full
+    budget >= 0.95x"), once in the layout it picks at that budget (`llama.cpp+cache/POLICY/default`)
+    and once in the slots layout that smaller budgets run (`llama.cpp+cache/POLICY/slots`)."""
     from edgemoe.tokenizer import Tokenizer
 
     prompt_ids = Tokenizer(path).encode(prompt)
@@ -136,9 +141,9 @@ def run_bench(path: Path, prompt: str, n_tokens: int, shares: list[float], n_thr
     else:
         llama_prefill, llama_decode = bench_llama(path, prompt_ids, n_tokens, n_threads)
         rows = [BenchRow(name, "llama.cpp", 1.0, llama_prefill, llama_decode, 1.0)]
-        if budgeted:
-            b = bench_llama_budget(path, prompt_ids, n_tokens, n_threads, policy)
-            rows.append(BenchRow(name, f"llama.cpp+cache/{policy}", 1.0, b["prefill"], b["decode"],
+        for full_layout in (None, False) if budgeted else ():
+            b = bench_llama_budget(path, prompt_ids, n_tokens, n_threads, policy, full_layout)
+            rows.append(BenchRow(name, f"llama.cpp+cache/{policy}/{b['layout']}", 1.0, b["prefill"], b["decode"],
                                  b["decode"] / llama_decode, b["hit_rate"]))
     for row in rows:
         on_row and on_row(row)

@@ -20,10 +20,19 @@ def model_path(path):
     return demo_gguf()
 
 
-def expert_bytes_total(path) -> int:
+def expert_bytes_total(path, backend: str = "edgemoe") -> int:
+    """Every expert's bytes as `backend` counts them against a budget, so `--budget 100%` holds
+    them all: the engine's buffers, or the budgeted llama mode's page-rounded slots and edges
+    (where 100% runs llama.cpp's default layout: edgemoe/llama_full.py)."""
     from edgemoe.expert_store import find_experts
+    from edgemoe.layout import is_extended
 
-    return sum(s.alloc_bytes for s in find_experts(GGUFFile(path)).values())
+    model = GGUFFile(path)
+    if backend == "llama" and not is_extended(model):  # llama.cpp refuses an extended file at open, saying why
+        from edgemoe.llama_budget import budget_range
+
+        return budget_range(path)[1]
+    return sum(s.alloc_bytes for s in find_experts(model).values())
 
 
 class PromptFileError(InputError):
@@ -49,7 +58,7 @@ def engine_config(args: argparse.Namespace, path) -> "EngineConfig":
 
     budget = None
     if args.budget:
-        budget = parse_budget(args.budget, lambda: expert_bytes_total(path))
+        budget = parse_budget(args.budget, lambda: expert_bytes_total(path, getattr(args, "backend", "edgemoe")))
     if getattr(args, "max_memory", None):
         budget = budget_under_cap(args, path, args.max_memory)
     future = None
