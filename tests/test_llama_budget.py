@@ -265,3 +265,14 @@ def test_default_layout_is_plain_llama_cpps_load(tiny_checkpoint, tmp_path):
             rt.close()
     with pytest.raises(InputError, match="full_layout=True needs a budget that holds every expert"):
         BudgetedLlama(path, BudgetedConfig(budget_bytes=full // 2, full_layout=True))
+
+
+def test_bench_rows_say_which_layout_ran(demo):
+    from edgemoe.bench.speed import bench_llama_budget
+    from edgemoe.tokenizer import Tokenizer
+
+    path, _ = demo
+    ids = Tokenizer(path).encode(PROMPT)
+    for full_layout, layout in ((None, "default"), (False, "slots")):
+        b = bench_llama_budget(path, ids, 3, 1, "lru", full_layout)
+        assert b["layout"] == layout and b["hit_rate"] == 1.0 and b["decode"] > 0
