@@ -67,7 +67,9 @@ class LayerCurves:
             self.at_rank[_ROWS, np.count_nonzero(v > v[:, e:e + 1], axis=1)] += 1
         self.pending.append((e, clock, slots))
 
-    def end_step(self, resident_experts: int) -> None:
+    def end_step(self, resident_experts: int | None) -> None:
+        """Apply the step's accesses; then `replan` at that share (None: the caller replans later,
+        with the share it had now: nothing in between reads the plan)."""
         if not self.pending:
             return
         chosen = np.zeros(self.n_experts)
@@ -79,7 +81,8 @@ class LayerCurves:
         self.decayed += (1.0 - _KEEP) * chosen
         self._values = None
         self.pending.clear()
-        self.replan(resident_experts)
+        if resident_experts is not None:
+            self.replan(resident_experts)
 
     def curve(self, ordering: str) -> np.ndarray:
         """[E + 1] accesses so far that a share of c experts (c = 0..E) kept in `ordering` would

@@ -68,6 +68,9 @@ class EngineConfig:
     # repack_experts True/False repacks expert arenas at any budget / never (repack must be on)
     repack: bool = True
     repack_experts: bool | None = None
+    # with every expert resident, a decode step runs as one graph (edgemoe/token_graph.py);
+    # False: layer by layer always (the same logits; tests and measurements compare the two)
+    token_graph: bool = True
 
 
 class Engine:
@@ -105,8 +108,12 @@ class Engine:
         repack_experts = config.repack and (budget >= total if config.repack_experts is None else config.repack_experts)
         self.cache = arena_cache_class()(self.path, self.specs, budget, policy, n_layers, low, config.dual_load_above,
                                          stale, config.dual_background_load, repack_layouts=repack_experts)
+        if low is None and self.cache.state.holds_everything():
+            # every expert fits: all loaded now, as llama.cpp loads its weights; decode then runs a
+            # token as one graph (edgemoe/token_graph.py)
+            self.cache.preload_all()
         self.model = cls(self.file, self.backend, self.cache, kv_type=config.kv_type, n_batch=config.n_batch,
-                         repack=config.repack)
+                         repack=config.repack, token_graph=config.token_graph)
         self.tokenizer = Tokenizer(self.path)
         self.prefetcher = None
         self.warnings: list[str] = []  # what the engine worked around (an unusable predictor file)

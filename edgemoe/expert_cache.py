@@ -371,6 +371,57 @@ class ExpertCache:
         if self._loads is not None:
             self._loads.join()
 
+    # ---- everything resident ------------------------------------------------------------
+    def preload_all(self) -> None:
+        """Read every expert now, a layer's reads in flight together: the open of a budget that
+        holds them all (`Residency.holds_everything`), as llama.cpp loads its weights. No step
+        counts these reads, and no token waits on a cold miss (the replay starts the same way)."""
+        s = self.state
+        for layer in sorted({key[0] for key in self.specs}):
+            keys = sorted(key for key in self.specs if key[0] == layer and key not in s.resident)
+            with self.cond:
+                for key in keys:
+                    s.begin_load(key)  # _read_many aborts these on a failed read
+            experts = self._read_many(keys)
+            with self.cond:
+                for key, expert in zip(keys, experts):
+                    s.abort_load(key)
+                    s.preload(key)
+                    self.experts[key] = expert
+
+    def hold_all(self) -> bool:
+        """Pin every expert at once when every one is resident within the budget (a whole-token
+        graph then computes over them without asking, edgemoe/token_graph.py); False otherwise.
+        Dual precision never holds: its misses are served by low copies layer by layer."""
+        s = self.state
+        with self.cond:
+            if self.low is not None or self.loading or len(s.resident) < len(s.sizes) or s.used() > s.budget_bytes:
+                return False
+            s.all_pinned += 1
+            return True
+
+    def release_all(self) -> None:
+        """End of `hold_all`; a budget lowered meanwhile (nothing could be evicted) applies now."""
+        with self.cond:
+            s = self.state
+            s.all_pinned -= 1
+            over = not s.all_pinned and s.used() > s.budget_bytes
+            self.cond.notify_all()
+        if over:
+            self.set_budget(s.budget_bytes)
+
+    def count_held_step(self, steps: list[tuple[list[Key], list[int]]]) -> None:
+        """The accesses of a token computed over held experts, per layer (keys ascending, the
+        token slots of each), counted as `acquire_many` counts them: touched together, then hits."""
+        s = self.state
+        with self.cond:
+            for keys, n_slots in steps:
+                s.c.token_slots += sum(n_slots)
+                for key, n in zip(keys, n_slots):
+                    s.touch(key, n)
+                for key in keys:
+                    s.hit(key)
+
     # ---- control ------------------------------------------------------------------------
     def set_budget(self, budget_bytes: int) -> None:
         """Resize now: evicts unpinned experts until the new budget holds."""

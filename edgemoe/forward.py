@@ -22,6 +22,7 @@ from edgemoe.native import ops
 from edgemoe.native.buffers import Buffer
 from edgemoe.native.graph import Graph
 from edgemoe.native.ops import Tensor
+from edgemoe.token_graph import TokenGraphs
 
 
 class Activations:
@@ -49,11 +50,12 @@ class Activations:
 class Runner:
     """Runs `model` (an edgemoe.arch model) over tokens with a KV cache (edgemoe.kv_cache.KVCache)."""
 
-    def __init__(self, model, backend, n_batch: int):
+    def __init__(self, model, backend, n_batch: int, token_graph: bool = True):
         self.model, self.backend, self.n_batch = model, backend, n_batch
         self.top_k = max((b.cfg.top_k for b in model.moe_blocks), default=1)
         self.decode_acts = Activations(backend, model.args.hidden_size, self.top_k, 1)  # read by the kept graphs
         self._graphs: dict[tuple, tuple] = {}  # decode embedding / head graphs
+        self.token_graphs = TokenGraphs(self) if token_graph else None  # decode as one graph when all are resident
 
     def forward(self, tokens: list[int], kv, start: int, all_logits: bool = False) -> np.ndarray:
         """tokens at positions start.. -> logits [T, V] (or [1, V] for the last token)."""
@@ -66,6 +68,10 @@ class Runner:
         acts = self.decode_acts if step == 1 else Activations(self.backend, self.model.args.hidden_size, self.top_k,
                                                                step)
         try:
+            if self.token_graphs and len(ids) == 1 and not all_logits:  # one graph if every expert is resident
+                logits = self.token_graphs.forward(ids, kv, start)
+                if logits is not None:
+                    return logits
             for b0 in range(0, len(ids), step):
                 chunk = ids[b0:b0 + step]
                 n = len(chunk)
@@ -89,14 +95,26 @@ class Runner:
                 store[key] = entry
         return entry
 
+    def embed_ops(self, g, acts: Activations, n: int) -> Tensor:
+        """Token ids input i32 [n] -> their embeddings into x; returns the input."""
+        t = g.input(ops.I32, (n,))
+        g.expand(g.cpy(self.model.embed.build(g, t), acts.view(g, "x", n)))
+        return t
+
+    def head_ops(self, g, acts: Activations, n: int, n_out: int) -> Tensor:
+        """Logits [V, n_out] of the last n_out of x's n columns (an output of g)."""
+        x = acts.view(g, "x", n)
+        if n_out < n:  # the last token only
+            x = g.view_2d(acts.buffer["x"], x.ne[0], 1, 4 * x.ne[0], 4 * x.ne[0] * (n - 1))
+        m = self.model
+        return g.output(m.output.build(g, norm(g, x, m.norm_weight, m.args.eps)))
+
     def _embed(self, acts: Activations, ids: np.ndarray) -> None:
         n = len(ids)
 
         def build():
             g = Graph(self.backend, label="dense", reuse=n == 1)
-            t = g.input(ops.I32, (n,))
-            g.expand(g.cpy(self.model.embed.build(g, t), acts.view(g, "x", n)))
-            return g, t
+            return g, self.embed_ops(g, acts, n)
 
         g, t = self._cached(self._graphs, ("embed", n), build)
         g.feed(t, ids)
@@ -109,12 +127,7 @@ class Runner:
 
         def build():
             g = Graph(self.backend, label="dense", reuse=n == 1)
-            x = acts.view(g, "x", n)
-            if n_out < n:  # the last token only
-                x = g.view_2d(acts.buffer["x"], x.ne[0], 1, 4 * x.ne[0], 4 * x.ne[0] * (n - 1))
-            m = self.model
-            logits = g.output(m.output.build(g, norm(g, x, m.norm_weight, m.args.eps)))  # [V, n_out]
-            return g, logits
+            return g, self.head_ops(g, acts, n, n_out)
 
         g, logits = self._cached(self._graphs, ("head", n_out, n), build)
         g.compute()
@@ -145,6 +158,8 @@ class Runner:
             block.moe.run(acts, outs[0][1], outs[1][1])
 
     def close(self) -> None:
+        if self.token_graphs:
+            self.token_graphs.close()
         for g, _ in self._graphs.values():
             g.close()
         self._graphs.clear()

@@ -72,6 +72,16 @@ def expert_ffn(g, arena, x: Tensor, ids: Tensor) -> Tensor:
     return apply("down", g.swiglu(apply("gate", x), apply("up", x)))     # [F, 1, N] -> [D, 1, N]
 
 
+def pair_ops(g, arena, xn: Tensor, y: Tensor, tok: Tensor, frames: Tensor, weights: Tensor, rows: Tensor) -> Tensor:
+    """One arena's experts for N (token, slot) pairs into their rows of y [D, k*T]: tok i32 [N]
+    (each pair's token column of xn [D, T]), frames i32 [1, N] (its expert's frame), weights
+    [1, 1, N] (its router weight), rows i64 [N] (its row p = t * k + slot of y)."""
+    dim, n = xn.ne[0], rows.ne[0]
+    xa = g.reshape(g.get_rows(xn, tok), dim, 1, n)                     # [D, 1, N]
+    out = g.mul(expert_ffn(g, arena, xa, frames), weights)             # [D, 1, N]
+    return g.expand(g.set_rows(y, g.reshape(out, dim, n), rows))      # pair rows of [D, k*T]
+
+
 class _Pairs:
     """One arena's (token, slot) pairs in a graph: inputs bound to arrays filled before each compute."""
 
@@ -185,13 +195,10 @@ class MoEBlock:
         reuse = n_tokens == 1  # decode: built once per arena mix; prefill: built per call
         g = Graph(self.backend, label="experts", reuse=reuse)
         xn, y = acts.view(g, "xn", n_tokens), acts.view(g, "y", k * n_tokens)
-        dim = xn.ne[0]
         pairs = []
         for arena, n in active:
             inputs = _Pairs(g, n)
-            xa = g.reshape(g.get_rows(xn, inputs.tok), dim, 1, n)                     # [D, 1, N]
-            out = g.mul(expert_ffn(g, arena, xa, inputs.frames), inputs.weights)      # [D, 1, N]
-            y = g.expand(g.set_rows(y, g.reshape(out, dim, n), inputs.rows))          # pair rows of [D, k*T]
+            y = pair_ops(g, arena, xn, y, inputs.tok, inputs.frames, inputs.weights, inputs.rows)
             pairs.append(inputs)
         if combine:
             self._combine(g, acts, y, n_tokens, k)
@@ -203,6 +210,18 @@ class MoEBlock:
                 self._graphs.pop(next(iter(self._graphs)))[0].close()
             self._graphs[key] = entry
         return entry
+
+    def build_resident(self, g, acts, ids: Tensor, weights: Tensor, arena, table: Tensor, tok: Tensor,
+                       rows: Tensor) -> None:
+        """A decode step's experts in the layer's first graph, every expert of the layer resident
+        in `arena` (edgemoe/token_graph.py): frames = table[ids] (table i32 [1, E]: each expert's
+        frame) looked up in the graph; tok (zeros) and rows (0..k-1) are the one token's pairs in
+        slot order, as `_compute` orders them. The same ops on the same buffers: bit-identical."""
+        k = ids.ne[0]
+        frames = g.reshape(g.get_rows(table, ids), 1, k)                  # [1, k]
+        w = g.reshape(weights if weights.contiguous else g.cont(weights), 1, 1, k)
+        y = pair_ops(g, arena, acts.view(g, "xn", 1), acts.view(g, "y", k), tok, frames, w, rows)
+        self._combine(g, acts, y, 1, k)
 
     def _combine(self, g, acts, y: Tensor, n_tokens: int, k: int) -> None:
         """x = h + sum over slots of y (slot order, as llama.cpp) + shared(xn)."""

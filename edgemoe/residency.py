@@ -45,6 +45,7 @@ class Residency:
         self.version = 0  # bumped whenever `resident` changes (step_stats reuses its snapshot till then)
         self.in_flight_bytes = 0
         self.pins: Counter[Key] = Counter()
+        self.all_pinned = 0  # > 0 while a whole-token graph computes over every resident expert
         self.unused_prefetch: set[Key] = set()            # prefetched, not used yet
         self.waiting: dict[int, set[Key]] = {}            # per layer: unused prefetches it has not routed past
         self.stale: dict[Key, None] = {}                  # unused prefetches their layer routed past, oldest first
@@ -90,6 +91,8 @@ class Residency:
     def _victim(self, exclude) -> Key | None:
         """A stale prefetch first (oldest first), else the policy's choice; never a pinned key
         nor one in `exclude`."""
+        if self.all_pinned:
+            return None
         evictable = lambda k: self.pins[k] == 0 and k not in exclude  # noqa: E731
         stale = next((k for k in self.stale if evictable(k)), None)
         return stale if stale is not None else self.policy.choose(self.resident, evictable, self.clock)
@@ -143,6 +146,19 @@ class Residency:
         if prefetched:
             self.unused_prefetch.add(key)
             self.waiting.setdefault(key[0], set()).add(key)
+
+    def holds_everything(self) -> bool:
+        """The budget holds every expert: the engine then loads them all at open (as llama.cpp
+        does) and the replay starts from that, so neither counts a cold miss."""
+        return self.budget_bytes >= sum(self.sizes.values())
+
+    def preload(self, key: Key) -> None:
+        """`key` made resident before any step (an open's load): in no counter, no clock tick."""
+        self.resident.add(key)
+        self.version += 1
+        self.resident_bytes += self.sizes[key]
+        self.policy.admit(key)
+        self.peak_bytes = max(self.peak_bytes, self.used())
 
     def set_budget(self, budget_bytes: int) -> None:
         check_budget(budget_bytes, self.largest_bytes)

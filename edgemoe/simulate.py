@@ -42,6 +42,9 @@ def simulate(trace: Trace, budget_bytes: int, policy: str, seed: int = 0, decode
     approximates the engine rather than reproducing it."""
     seq = trace.demand_sequence()
     state = Residency(trace.expert_bytes, budget_bytes, make_policy(policy, seq, seed))
+    if state.holds_everything():  # the engine loads every expert at open (ExpertCache.preload_all)
+        for key in sorted(state.sizes):
+            state.preload(key)
     counted = [0, 0, 0, 0, 0, 0]  # hits, misses, bytes read, prefetch bytes, prefetch hits, prefetch used bytes
     for i, step in enumerate(trace.steps):
         hits = misses = nbytes = pf_bytes = pf_used = 0

