@@ -45,20 +45,12 @@ class LoadedExpertCache(ExpertCache):
                               "(MappedExpertCache) serves smaller budgets")
         super().__init__(path, specs, budget_bytes, policy, n_layers, sizes=sizes)
         with self.cond:
-            for key in sorted(specs):  # llama.cpp read them while loading: no bytes of ours
-                self.state.begin_load(key)
-                self.state.finish_load(key, 0, prefetched=False)
+            for key in sorted(specs):  # llama.cpp read them while loading: no bytes of ours, no step's count
+                self.state.preload(key)
 
     def route(self, keys: list[Key], n_slots: list[int]) -> None:
-        """One layer's routing (distinct keys, the tokens routed to each), counted as
-        `acquire_many` counts a step whose experts are all resident: touched together, then hits."""
-        s = self.state
-        with self.cond:
-            s.c.token_slots += sum(n_slots)
-            for key, n in zip(keys, n_slots):
-                s.touch(key, n)
-            for key in keys:
-                s.hit(key)
+        """One layer's routing (distinct keys, the tokens routed to each): all hits."""
+        self.count_held_step([(keys, n_slots)])
 
     def set_budget(self, budget_bytes: int) -> None:
         """Only budgets that still hold every expert: llama.cpp's buffers cannot give one back
