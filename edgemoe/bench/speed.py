@@ -35,7 +35,8 @@ class BenchRow:
     hit_rate: float | None = None
     belady_hit_rate: float | None = None
     mib_read_per_token: float | None = None
-    # dense / experts / stall / other (Python and glue: the rest of the wall time), other_per_layer
+    # dense / experts (layer by layer) / token (one-graph decode steps, edgemoe/token_graph.py) / stall /
+    # other (Python and glue: the rest of the wall time), other_per_layer
     ms_per_token: dict[str, float] = field(default_factory=dict)
     peak_rss_mib: float = 0.0         # VmHWM over the run, reset before it
     skipped: str = ""                 # why this run did not happen (its numbers are then 0)
@@ -88,9 +89,6 @@ def bench_engine(path: Path, prompt_ids: list[int], n_tokens: int, config: Engin
     reset_peak_rss()  # peak RSS per run, not the process's (llama.cpp ran in it first)
     engine = Engine(path, config)
     try:
-        if config.budget_bytes is None:  # full budget: every expert loaded untimed, as llama.cpp loads its weights
-            for key in engine.specs:
-                engine.cache.prefetch(key)
         with torch.no_grad():
             # prefill timed warm: the experts the prompt routes to are loaded by a first pass, as
             # llama.cpp reads its weights when it loads the model (untimed)
@@ -114,7 +112,7 @@ def bench_engine(path: Path, prompt_ids: list[int], n_tokens: int, config: Engin
         wall = decode[-1].elapsed_s - events[0].elapsed_s if decode else 0.0
         spent = {k: (v - compute0.get(k, 0.0)) for k, v in engine.backend.compute_s.items()}
         ms = {"dense": spent.get("dense", 0.0), "experts": spent.get("experts", 0.0),
-              "stall": sum(e.cache.stall_s for e in decode)}
+              "token": spent.get("token", 0.0), "stall": sum(e.cache.stall_s for e in decode)}
         ms = {k: 1e3 * v / n for k, v in ms.items()}
         ms["other"] = max(1e3 * wall / n - sum(ms.values()), 0.0)
         ms["other_per_layer"] = ms["other"] / len(engine.model.blocks)

@@ -34,7 +34,7 @@ def bench_cmd(args: argparse.Namespace) -> int:
     prompt = _bench_prompt(args.prompt_tokens)
     console = Console(width=200)  # the table is wide; wrapping it at 80 columns makes it unreadable
     table = Table("model", "backend", "budget", "prefill tok/s", "decode tok/s", "vs llama.cpp", "hit %",
-                  "belady hit %", "MiB read/tok", "ms/tok dense|experts|stall|other", "other ms/layer/tok",
+                  "belady hit %", "MiB read/tok", "ms/tok dense|experts|token|stall|other", "other ms/layer/tok",
                   "peak RSS MiB")
     all_rows = []
     for path in models:
@@ -46,7 +46,7 @@ def bench_cmd(args: argparse.Namespace) -> int:
             if r.skipped:
                 table.add_row(r.model, r.backend, "", "", "", r.skipped)
                 continue
-            ms = "|".join(f"{r.ms_per_token[k]:.1f}" for k in ("dense", "experts", "stall", "other")) \
+            ms = "|".join(f"{r.ms_per_token[k]:.1f}" for k in ("dense", "experts", "token", "stall", "other")) \
                 if r.ms_per_token else ""
             table.add_row(r.model, r.backend, f"{100 * r.budget_share:.0f}%", f"{r.prefill_tps:.1f}",
                           f"{r.decode_tps:.2f}", "n/a" if r.ratio_vs_llama is None else f"{r.ratio_vs_llama:.2f}x",
