@@ -140,6 +140,13 @@ class _Tap(RoutingTap):
         super().__init__(top_k, n_expert)
         self.runtime, self.n_embd, self.want_inputs = runtime, n_embd, want_inputs
         self.error: BaseException | None = None
+        # False (llama.cpp's default layout, nobody showing routing): a one-token layer step is not
+        # stopped for. Each asked-for node splits llama.cpp's graph: 17 computes instead of one per
+        # Qwen3-slice token, ~10% of its decode. Its accesses are still exact: the token's top-k
+        # experts, distinct and all resident, so top_k hits (`unseen` counts such layer steps).
+        self.routing_wanted = True
+        self.unseen = 0
+        self.seen = False  # this step read some layer's routing
 
     @staticmethod
     def _layer(name: bytes, prefix: bytes) -> int | None:
@@ -152,12 +159,20 @@ class _Tap(RoutingTap):
             name = self.lib.ggml_get_name(tensor) or b""
             if ask:  # llama.cpp asks about every graph node (~1,100 a token on the Qwen3 slice): stay cheap
                 if name.startswith(self.PREFIX):
-                    return name[len(self.PREFIX):].isdigit()
+                    if not name[len(self.PREFIX):].isdigit():
+                        return False
+                    # a prompt's step: its first layer has many rows, and its last (llama.cpp computes
+                    # only the last token there) is read because the step's earlier ones were
+                    if self.routing_wanted or self.seen or self.lib.ggml_nelements(tensor) > self.top_k:
+                        return True
+                    self.unseen += 1
+                    return False
                 return self.want_inputs and name.startswith(self.NORM) and name[len(self.NORM):].isdigit()
             routed, moe_input = self._layer(name, self.PREFIX), self._layer(name, self.NORM)
             if self.error is not None or not self.runtime.ready:
                 return self.error is None
             if routed is not None:
+                self.seen = True
                 super()._on_tensor(tensor, ask, user_data)
                 self.runtime.on_routed(routed, self._current[routed])
             elif moe_input is not None:
@@ -190,14 +205,27 @@ class BudgetedLlama:
         self.full_bytes, self.ready = _every_expert(self.geometry), False
         self.moe_layers = sorted({k[0] for k in self.specs})
         self.n_layers = int(self.file.arch_field("block_count", 0))
-        self.llm = self.threads = self.pages = self.cache = self.prefetcher = None
+        self.llm = self.threads = self.pages = self.cache = self.prefetcher = self.tap = None
         self.layout = ""  # "default": llama.cpp's own load, every expert resident; "slots": budgeted
         self.warnings: list[str] = []
         self._pinned: list[Key] = []
         self._streamed: list[Key] = []
         self._lock = threading.Lock()  # a reopen (set_budget) never runs under a reply
         self._streaming = False
+        self._observe_routing = False
         self._open(default_layout(config.full_layout, config.budget_bytes, self.full_bytes), config.budget_bytes)
+
+    @property
+    def observe_routing(self) -> bool:
+        """Every step's routing in its StepEvent (the chat's heatmap). Off, llama.cpp's default
+        layout reads only prompt steps' routing (decode events carry none; their counts stay exact)."""
+        return self._observe_routing
+
+    @observe_routing.setter
+    def observe_routing(self, on: bool) -> None:
+        self._observe_routing = on
+        if self.tap is not None:
+            self.tap.routing_wanted = on or self.layout != "default"
 
     def _check_budget(self, budget_bytes: int) -> None:
         need = _smallest(self.geometry, self.top_k)
@@ -221,6 +249,7 @@ class BudgetedLlama:
         predictor = self._predictor() if c.prefetch and not default else None
         want_inputs = bool(predictor is not None and predictor.needs_logits)
         self.tap = _Tap(self, self.top_k, self.n_expert, int(self.file.arch_field("embedding_length")), want_inputs)
+        self.tap.routing_wanted = not default or self._observe_routing
         before = file_mappings(self.path)
         self.llm = open_llama(self.path, n_ctx=c.n_ctx, seed=c.seed, f32_kv=c.f32_kv, routing=self.tap,
                               n_threads=c.n_threads, model_params=model_params, context_params=context_params)
@@ -316,6 +345,12 @@ class BudgetedLlama:
         self._finish_layer()
         self.tap.flush()
         del self.tap.steps[:-1]  # stream_generate takes the last step's routing; keep no history
+        if self.tap.unseen:  # layer steps not stopped for: all hits
+            self.cache.count_unseen(self.tap.unseen * self.top_k)
+            self.tap.unseen = 0
+            if not self.tap.seen:  # a decode step: no routing to show (not the last step's)
+                self.tap.steps.clear()
+        self.tap.seen = False
         if self.tap.error is not None:
             error, self.tap.error = self.tap.error, None
             self.llm.reset()  # the interrupted step left its KV entries unfinished: prefill again

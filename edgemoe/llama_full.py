@@ -52,6 +52,14 @@ class LoadedExpertCache(ExpertCache):
         """One layer's routing (distinct keys, the tokens routed to each): all hits."""
         self.count_held_step([(keys, n_slots)])
 
+    def count_unseen(self, n_accesses: int) -> None:
+        """Accesses of steps whose routing was not read (one token each: its top-k experts,
+        distinct and all resident): hits. The policy is not told which: in this layout it never
+        chooses a victim (a smaller budget reopens the model with a new cache)."""
+        with self.cond:
+            self.state.c.hits += n_accesses
+            self.state.c.token_slots += n_accesses
+
     def set_budget(self, budget_bytes: int) -> None:
         """Only budgets that still hold every expert: llama.cpp's buffers cannot give one back
         (BudgetedLlama reopens the model in the slots layout for a smaller one)."""

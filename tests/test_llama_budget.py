@@ -205,6 +205,15 @@ def test_full_budget_runs_the_default_layout_and_counts_every_expert_a_hit(demo)
             assert e.cache.hits == e.cache.token_slots == n_moe * rt.top_k
         assert events[0].cache.hits > n_moe * rt.top_k, "the prefill's tokens are counted too"
         assert rt.cache.loader.stats().reads == 0, "llama.cpp read the experts while loading, the cache reads none"
+        # decode steps are not stopped for unless routing is wanted (the chat's heatmap): same counts
+        assert all(e.routing == () for e in events[1:]) and len(events[0].routing) == n_moe
+        rt.observe_routing = True
+        seen = list(rt.stream_generate(PROMPT, N_TOKENS))
+        assert [e.token for e in seen] == expected
+        assert all(len(e.routing) == n_moe for e in seen)
+        assert [(e.cache.hits, e.cache.token_slots) for e in seen[1:]] == [(e.cache.hits, e.cache.token_slots)
+                                                                           for e in events[1:]]
+        rt.observe_routing = False
 
         stream = rt.stream_generate(PROMPT, N_TOKENS)
         next(stream)

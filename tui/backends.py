@@ -212,6 +212,7 @@ def open_backend(path: Path, backend: str, config, reuse_kv: bool = True,
             from edgemoe.llama_budget import BudgetedLlama, budgeted_config
 
             runtime = BudgetedLlama(path, budgeted_config(config, gpu_layers))
+            runtime.observe_routing = True  # the chat's routing heatmap reads every step's
         return LlamaChat(path, config.n_ctx, config.seed, config.n_threads, reuse_kv, runtime)
     from edgemoe.engine import Engine
 
