@@ -99,7 +99,9 @@ def bench_engine(path: Path, prompt_ids: list[int], n_tokens: int, config: Engin
                 prefill = len(prompt_ids) / (time.perf_counter() - t0)
                 kv.close()
         engine.cache.step_stats()
-        recorder = TraceRecorder(engine) if record else None
+        # routing only (the replay's Belady row): router logits need every layer's input, which a
+        # one-graph decode step (edgemoe/token_graph.py) does not stop for
+        recorder = TraceRecorder(engine, router_logits=False) if record else None
         events, compute0 = [], {}
         for event in engine.stream_generate(prompt_ids, n_tokens, stop_at_eos=False):
             if not events:  # event 0 is the prefill: count compute from here on
