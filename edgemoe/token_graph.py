@@ -127,3 +127,6 @@ class TokenGraphs:
         if self.tables is not None:
             self.tables.close()
             self.tables = None
+        # the runner holds this object: no cycle may keep the model (and its file's mapping) alive
+        self.runner = self.cache = None
+        self.blocks = []
