@@ -32,6 +32,7 @@ class Activations:
         self.buffer = Buffer(backend, {"x": shape, "h": shape, "xn": shape,
                                        "y": (ops.F32, (dim, max(top_k, 1) * n_batch))})
         self.lib = ops.lib()
+        self.graphs: dict[tuple, tuple] = {}  # graphs over this buffer shared by every layer (edgemoe.moe)
 
     def view(self, g, name: str, n: int) -> Tensor:
         """The first n columns ([D, n]) of buffer tensor `name`."""
@@ -44,6 +45,9 @@ class Activations:
         return out
 
     def close(self) -> None:
+        for g, _ in self.graphs.values():
+            g.close()
+        self.graphs.clear()
         self.buffer.close()
 
 

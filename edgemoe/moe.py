@@ -181,6 +181,9 @@ class MoEBlock:
             arena, items = by_arena[index]
             items.sort()
             active.append((arena, [p for p, _ in items], [f for _, f in items]))
+        if n_tokens == 1 and len(active) > 1:
+            self._compute_per_arena(k, w, active, combine, acts)
+            return
         key = (n_tokens, combine, tuple((a.index, len(p)) for a, p, _ in active))
         graph, inputs = self._graph(acts, key, n_tokens, k, [(a, len(p)) for a, p, _ in active], combine)
         for (_, positions, frames), pair_inputs in zip(active, inputs):
@@ -188,6 +191,33 @@ class MoEBlock:
         graph.compute()
         if n_tokens > 1:
             graph.close()
+
+    def _compute_per_arena(self, k: int, w: np.ndarray, active: list, combine: bool, acts) -> None:
+        """A decode step whose pairs span arenas (mixed precision, dual low copies): one compute
+        per arena, then the sum. One graph for the whole step would be keyed by how many pairs
+        each arena got, ~35 mixes per layer in 120 tokens of the mixed Qwen3 slice, so the kept
+        graphs (_MAX_DECODE_GRAPHS) were rebuilt for 6 of 16 layers every token (2.5 ms). A
+        per-arena graph depends only on (arena, pairs), and is shared by every layer (arenas
+        and the activations are), so there are at most arenas x k of them."""
+        for arena, positions, frames in active:
+            key = ("pairs", arena.index, len(positions), k)
+            entry = acts.graphs.get(key)
+            if entry is None:
+                g = Graph(self.backend, label="experts", reuse=True, max_tensors=96)
+                inputs = _Pairs(g, len(positions))
+                pair_ops(g, arena, acts.view(g, "xn", 1), acts.view(g, "y", k), inputs.tok, inputs.frames,
+                         inputs.weights, inputs.rows)
+                entry = acts.graphs[key] = (g, inputs)
+            g, inputs = entry
+            inputs.set(positions, k, frames, w[positions])
+            g.compute()
+        if combine:
+            entry = self._graphs.get(("sum", k))
+            if entry is None:
+                g = Graph(self.backend, label="experts", reuse=True)
+                self._combine(g, acts, acts.view(g, "y", k), 1, k)
+                entry = self._graphs[("sum", k)] = (g, [])
+            entry[0].compute()
 
     def _graph(self, acts, key, n_tokens: int, k: int, active, combine: bool):
         if key in self._graphs:

@@ -97,6 +97,27 @@ def test_extended_layout_with_f32_experts_is_exact(mixed):
     assert rel_max_diff(got, _dequantised_reference_logits(ckpt, path, PROMPT_IDS)) < REL_TOL_F32
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3moe"])
+def test_decode_steps_over_several_arenas_match_the_prefill(mixed, arch):
+    """Decode steps whose experts span arenas run one compute per arena, then the sum
+    (MoEBlock._compute_per_arena); a prefill runs them in one graph. With an f32 KV cache both
+    give the same logits (the decode path's own test: tests/test_engine_archs.py)."""
+    _, path, _ = mixed(arch)
+    engine = Engine(path, EngineConfig(n_threads=1, kv_type="f32"))
+    try:
+        want = engine.logits(PROMPT_IDS)
+        kv, n = engine.model.new_kv(len(PROMPT_IDS)), len(PROMPT_IDS) // 2
+        with torch.no_grad():
+            rows = [engine.model.forward(PROMPT_IDS[:n], kv, 0, all_logits=True).numpy()]
+            rows += [engine.model.forward([t], kv, i).numpy() for i, t in enumerate(PROMPT_IDS) if i >= n]
+        kv.close()
+        shared = [key for key in engine.model._runner.decode_acts.graphs if key[0] == "pairs"]
+    finally:
+        engine.close()
+    assert shared, "no decode step spanned arenas; the test proves nothing"
+    assert rel_max_diff(np.concatenate(rows), want) < 1e-4
+
+
 def test_layout_keys_types_and_one_pread_per_expert(mixed, monkeypatch):
     _, path, report = mixed("mixtral")
     f = GGUFFile(path)
