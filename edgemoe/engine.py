@@ -71,6 +71,9 @@ class EngineConfig:
     # with every expert resident, a decode step runs as one graph (edgemoe/token_graph.py);
     # False: layer by layer always (the same logits; tests and measurements compare the two)
     token_graph: bool = True
+    # load every expert at open (None: when the budget holds them all, as llama.cpp loads its
+    # weights; False: on first use, e.g. to measure what an open engine holds besides them)
+    preload: bool | None = None
 
 
 class Engine:
@@ -108,7 +111,7 @@ class Engine:
         repack_experts = config.repack and (budget >= total if config.repack_experts is None else config.repack_experts)
         self.cache = arena_cache_class()(self.path, self.specs, budget, policy, n_layers, low, config.dual_load_above,
                                          stale, config.dual_background_load, repack_layouts=repack_experts)
-        if low is None and self.cache.state.holds_everything():
+        if low is None and self.cache.state.holds_everything() and config.preload is not False:
             # every expert fits: all loaded now, as llama.cpp loads its weights; decode then runs a
             # token as one graph (edgemoe/token_graph.py)
             self.cache.preload_all()

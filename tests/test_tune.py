@@ -213,3 +213,15 @@ def test_recommendation_within_10_percent_of_the_best_measured(demo, tmp_path):
                                          row.setting.policy, row.setting.prefetch, threads=1))
                 speed[id(row)].append(run.tokens_per_s)
         assert max(speed[id(pick)]) >= 0.9 * max(speed[id(best)]), (v, speed)
+
+
+def test_memory_facts_load_no_expert(demo, monkeypatch):
+    """The plan's facts are what an open engine holds besides its experts: opened with the default
+    budget (every expert) it would load them all first, and under a cap the facts run itself was
+    OOM-killed (the mixed Qwen3 slice under 3 GiB)."""
+    from edgemoe.expert_cache import ExpertCache
+
+    loaded = []
+    monkeypatch.setattr(ExpertCache, "preload_all", lambda self: loaded.append(self))
+    run_facts(str(demo), 512, isolated=False)
+    assert not loaded

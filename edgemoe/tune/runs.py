@@ -105,7 +105,7 @@ def facts(model: str, ctx: int) -> ModelFacts:
 
     CpuBackend(1).close()
     before = current_rss_bytes()
-    engine = Engine(model, EngineConfig(n_ctx=ctx))
+    engine = Engine(model, EngineConfig(n_ctx=ctx, preload=False))  # no expert loaded: this measures the rest
     try:
         dense = sum(t.nbytes for t in engine.file.tensors.values() if not t.is_expert)
         # what the open engine holds besides its dense weights (no expert is loaded yet): gguf-py's
