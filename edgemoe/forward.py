@@ -110,6 +110,10 @@ class Runner:
         x = acts.view(g, "x", n)
         if n_out < n:  # the last token only
             x = g.view_2d(acts.buffer["x"], x.ne[0], 1, 4 * x.ne[0], 4 * x.ne[0] * (n - 1))
+        return self.head_of(g, x)
+
+    def head_of(self, g, x: Tensor) -> Tensor:
+        """Logits [V, n] of x [D, n] (an output of g)."""
         m = self.model
         return g.output(m.output.build(g, norm(g, x, m.norm_weight, m.args.eps)))
 

@@ -241,20 +241,26 @@ class MoEBlock:
             self._graphs[key] = entry
         return entry
 
-    def build_resident(self, g, acts, ids: Tensor, weights: Tensor, arena, table: Tensor, tok: Tensor,
-                       rows: Tensor) -> None:
-        """A decode step's experts in the layer's first graph, every expert of the layer resident
-        in `arena` (edgemoe/token_graph.py): frames = table[ids] (table i32 [1, E]: each expert's
-        frame) looked up in the graph; tok (zeros) and rows (0..k-1) are the one token's pairs in
-        slot order, as `_compute` orders them. The same ops on the same buffers: bit-identical."""
-        k = ids.ne[0]
-        frames = g.reshape(g.get_rows(table, ids), 1, k)                  # [1, k]
-        w = g.reshape(weights if weights.contiguous else g.cont(weights), 1, 1, k)
-        y = pair_ops(g, arena, acts.view(g, "xn", 1), acts.view(g, "y", k), tok, frames, w, rows)
-        self._combine(g, acts, y, 1, k)
+    def build_resident(self, g, xn: Tensor, h: Tensor, ids: Tensor, weights: Tensor, arena, table: Tensor) -> Tensor:
+        """A decode step's experts in a whole-token graph, every expert of the layer resident in
+        `arena` (edgemoe/token_graph.py): frames = table[ids] (table i32 [1, E]: each expert's
+        frame) looked up in the graph, the token's xn [D, 1] broadcast to its k experts as
+        llama.cpp's build_moe_ffn does. Returns the layer's output x [D, 1]. Each (expert, row)
+        product is the same kernel on the same bytes as `_compute`'s pairs, summed in the same
+        slot order: bit-identical (tests/test_engine_archs.py)."""
+        k, dim = ids.ne[0], xn.ne[0]
+        frames = g.reshape(g.get_rows(table, ids), k, 1)                  # [k, 1]
+        w = g.reshape(weights if weights.contiguous else g.cont(weights), 1, k, 1)
+        out = g.mul(expert_ffn(g, arena, g.reshape(xn, dim, 1, 1), frames), w)   # [D, k, 1]
+        return self._sum(g, g.reshape(out, dim, k), 1, k, xn, h)
 
     def _combine(self, g, acts, y: Tensor, n_tokens: int, k: int) -> None:
-        """x = h + sum over slots of y (slot order, as llama.cpp) + shared(xn)."""
+        """x := the layer's output from the pair rows y and the buffers' xn and h."""
+        out = self._sum(g, y, n_tokens, k, acts.view(g, "xn", n_tokens), acts.view(g, "h", n_tokens))
+        g.expand(g.cpy(out, acts.view(g, "x", n_tokens)))
+
+    def _sum(self, g, y: Tensor, n_tokens: int, k: int, xn: Tensor, h: Tensor) -> Tensor:
+        """h + sum over slots of y [D, k*T] (slot order, as llama.cpp) + shared(xn): [D, T]."""
         dim, row = y.ne[0], 4 * y.ne[0]
         out = g.view_2d(y, dim, n_tokens, k * row, 0)                     # [D, T] slot 0
         for slot in range(1, k):
@@ -262,8 +268,8 @@ class MoEBlock:
         if k == 1:
             out = g.cont(out)
         if self.shared is not None:
-            out = g.add(out, self.shared.build(g, acts.view(g, "xn", n_tokens)))
-        g.expand(g.cpy(g.add(out, acts.view(g, "h", n_tokens)), acts.view(g, "x", n_tokens)))
+            out = g.add(out, self.shared.build(g, xn))
+        return g.add(out, h)
 
     def close(self) -> None:
         for graph, _ in self._graphs.values():

@@ -164,19 +164,28 @@ class Model:
         name = f"blk.{layer}.ffn_gate_inp.weight"
         return MoEBlock(layer, self.weights[name], tensor_f32(m, name), self.router_config(self.args), cache, backend)
 
-    def build_layer(self, g, i: int, kv, acts, n_tokens: int):
-        """Layer i's first graph: attention and the residual into h, its norm into xn, then either
-        the dense FFN and residual into x (returns None) or the router (returns ids, weights)."""
+    def layer_ops(self, g, i: int, kv, x: Tensor):
+        """Layer i on x [D, T] up to its experts: (out, h, xn, routed). A dense-FFN layer gives
+        its output `out` (routed None); an MoE layer h (after attention), xn (the MoE input) and
+        routed = the router's (ids, weights) (out None)."""
         b, eps = self.blocks[i], self.args.eps
-        x = acts.view(g, "x", n_tokens)
         h = g.add(b.attn.build(g, norm(g, x, b.attn_norm, eps), kv), x)     # [D, T]  ffn_inp
         xn = norm(g, h, b.ffn_norm, eps)                                    # [D, T]  ffn_norm
         if b.moe is None:
-            g.expand(g.cpy(g.add(b.ffn.build(g, xn), h), x))
+            return g.add(b.ffn.build(g, xn), h), h, xn, None
+        return None, h, xn, b.moe.build_router(g, xn)
+
+    def build_layer(self, g, i: int, kv, acts, n_tokens: int):
+        """Layer i's first graph: attention and the residual into h, its norm into xn, then either
+        the dense FFN and residual into x (returns None) or the router (returns ids, weights)."""
+        x = acts.view(g, "x", n_tokens)
+        out, h, xn, routed = self.layer_ops(g, i, kv, x)
+        if routed is None:
+            g.expand(g.cpy(out, x))
             return None
         g.expand(g.cpy(h, acts.view(g, "h", n_tokens)))
         g.expand(g.cpy(xn, acts.view(g, "xn", n_tokens)))
-        return b.moe.build_router(g, xn)
+        return routed
 
     def new_kv(self, n_ctx: int, n_batch: int | None = None) -> KVCache:
         a = self.args
