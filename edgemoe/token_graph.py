@@ -7,9 +7,11 @@ Python and the thread pool's wake-ups between them, 0.7 ms per layer per token o
 machine (docs/BENCHMARKS.md), more than the whole attention of a Qwen3-shaped layer. When every
 expert is resident (`ExpertCache.hold_all`: the budget holds them all, and the engine loaded
 them at open) there is nothing to decide between a layer's router and its experts, so the token
-runs as one graph: embedding, every layer (its first graph's ops, then its experts with frames
-looked up in the graph, frame table[ids] by ggml_get_rows, `MoEBlock.build_resident`), head.
-The ops and buffers are those of the layer-by-layer path, so the logits are bit-identical. The
+runs as one graph: embedding, every layer (its first graph's ops, `Model.layer_ops`, then its
+experts with frames looked up in the graph, frame table[ids] by ggml_get_rows,
+`MoEBlock.build_resident`), head, each layer's output chained into the next as a tensor (no
+copies through the activation buffers). Every (expert, row) product and every sum is the
+layer-by-layer path's, in the same order, so the logits are bit-identical. The
 routed ids are outputs, read after the compute and counted as the cache counts a layer's
 accesses (`ExpertCache.count_held_step`), so events, traces and the replay see the same steps.
 
