@@ -67,6 +67,15 @@ class LayerCurves:
             self.at_rank[_ROWS, np.count_nonzero(v > v[:, e:e + 1], axis=1)] += 1
         self.pending.append((e, clock, slots))
 
+    def access_many(self, experts: list[int], clocks: list[int], slots: list[int]) -> None:
+        """`access` of each (distinct) expert, their ranks compared at once."""
+        seen = [e for e in experts if self.last[e] >= 0]
+        if seen:
+            v = self.value_matrix()
+            ranks = np.count_nonzero(v[:, None, :] > v[:, seen][:, :, None], axis=2)   # [O, n]
+            np.add.at(self.at_rank, (np.broadcast_to(_ROWS[:, None], ranks.shape), ranks), 1)
+        self.pending.extend(zip(experts, clocks, slots))
+
     def end_step(self, resident_experts: int | None) -> None:
         """Apply the step's accesses; then `replan` at that share (None: the caller replans later,
         with the share it had now: nothing in between reads the plan)."""

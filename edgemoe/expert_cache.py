@@ -160,8 +160,7 @@ class ExpertCache:
         t0 = 0.0
         with self.cond:
             s.c.token_slots += sum(n_slots or ())
-            for key, n in zip(keys, n_slots or [1] * len(keys)):
-                s.touch(key, n)
+            s.touch_step(keys, n_slots or [1] * len(keys))
             held = [key for key in keys if self._hit_if_resident(key)]
             for key in keys:
                 if key in held:
@@ -417,8 +416,7 @@ class ExpertCache:
         with self.cond:
             for keys, n_slots in steps:
                 s.c.token_slots += sum(n_slots)
-                for key, n in zip(keys, n_slots):
-                    s.touch(key, n)
+                s.touch_step(keys, n_slots)
                 for key in keys:
                     s.hit(key)
 

@@ -29,6 +29,11 @@ class Policy:
     def touch(self, key: Key, clock: int, slots: int = 1) -> None:
         """`key` was accessed at global access number `clock`, by `slots` tokens."""
 
+    def touch_step(self, keys: list[Key], clocks: list[int], slots: list[int]) -> None:
+        """One layer step's accesses (distinct keys of one layer), as `touch` of each in order."""
+        for key, clock, n in zip(keys, clocks, slots):
+            self.touch(key, clock, n)
+
     def admit(self, key: Key) -> None:
         """`key` became resident (a demand load or a prefetch)."""
 
@@ -189,6 +194,15 @@ class LayerSplit(Policy):
             self._end_step()
             self.current = key[0]
         self.curves[key[0]].access(key[1], clock, slots)
+
+    def touch_step(self, keys, clocks, slots):
+        """One layer step: every rank read from the same state (as `touch` of each reads it: the
+        step is applied at its end), in one compare (~0.1 ms a 16-layer token less)."""
+        layer = keys[0][0]
+        if layer != self.current:
+            self._end_step()
+            self.current = layer
+        self.curves[layer].access_many([e for _, e in keys], clocks, slots)
 
     def admit(self, key):
         layer, e = key

@@ -82,6 +82,18 @@ class Residency:
             self.stale[k] = None
         self.stale.pop(key, None)
 
+    def touch_step(self, keys: list[Key], slots: list[int]) -> None:
+        """`touch` of each of one layer step's keys (distinct, one layer), the policy told at once."""
+        if not keys:
+            return
+        clocks = list(range(self.clock + 1, self.clock + 1 + len(keys)))
+        self.clock = clocks[-1]
+        self.policy.touch_step(keys, clocks, slots)
+        for k in sorted(self.waiting.pop(keys[0][0], ())):
+            self.stale[k] = None
+        for key in keys:
+            self.stale.pop(key, None)
+
     def hit(self, key: Key) -> None:
         self.c.hits += 1
         if key in self.unused_prefetch:

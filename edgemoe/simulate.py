@@ -76,8 +76,7 @@ def layer_step(state: Residency, layer: int, slots: Counter) -> tuple[int, list[
     keys = [(layer, e) for e in sorted(slots)]
     together = sum(state.sizes[k] for k in keys) <= state.budget_bytes
     if together:
-        for key in keys:
-            state.touch(key, slots[key[1]])
+        state.touch_step(keys, [slots[k[1]] for k in keys])
     hits, missed, used = 0, [], 0
     for key in sorted(keys, key=lambda k: k not in state.resident) if together else keys:
         if not together:
