@@ -414,11 +414,8 @@ class ExpertCache:
         token slots of each), counted as `acquire_many` counts them: touched together, then hits."""
         s = self.state
         with self.cond:
-            for keys, n_slots in steps:
-                s.c.token_slots += sum(n_slots)
-                s.touch_step(keys, n_slots)
-                for key in keys:
-                    s.hit(key)
+            s.c.token_slots += sum(sum(n_slots) for _, n_slots in steps)
+            s.count_held(steps)
 
     # ---- control ------------------------------------------------------------------------
     def set_budget(self, budget_bytes: int) -> None:

@@ -99,3 +99,51 @@ def test_shares_follow_each_layers_concentration():
     assert shares[399] == {0: 3, 1: 5}
     got = {p: simulate(trace, 8 * 1000, p).misses for p in ("split", "lru")}
     assert got["split"] < got["lru"], got
+
+
+def _decode_tokens(trace: Trace):
+    """Per decode token: its layer steps as the engine counts them (keys ascending, 1 slot each)."""
+    for step in trace.steps:
+        if all(len(tokens) == 1 for tokens in step.values()):
+            yield [([(layer, e) for e in sorted(set(step[layer][0]))], [1] * len(set(step[layer][0])))
+                   for layer in sorted(step)]
+
+
+def _curves(policy: LayerSplit):
+    return {layer: [c.last.tolist(), c.count.tolist(), c.decayed.tolist(), c.at_rank.tolist(), c.pending]
+            for layer, c in policy.curves.items()}
+
+
+@pytest.mark.parametrize("limit", [None, 100])
+def test_held_tokens_told_to_the_policy_when_it_decides(qwen, monkeypatch, limit):
+    """count_held (a token over every expert held) counts its hits at once and tells the policy
+    only before its next decision: then the policy's state, the clock, the counters and the
+    victims of a budget lowered live are those of touch_step + hit of each key. At most
+    DEFERRED_STEPS wait: beyond, the oldest are never told (the same as a policy that never saw them)."""
+    import edgemoe.residency as residency
+    if limit is not None:
+        monkeypatch.setattr(residency, "DEFERRED_STEPS", limit)
+    full = sum(qwen.expert_bytes.values())
+    told, held = (Residency(qwen.expert_bytes, full, LayerSplit()) for _ in range(2))
+    for state in (told, held):
+        for key in sorted(qwen.expert_bytes):
+            state.preload(key)
+    tokens = list(_decode_tokens(qwen))[:40]
+    steps = [step for token in tokens for step in token]
+    dropped = 0 if limit is None else len(steps) - limit
+    for i, (keys, slots) in enumerate(steps):
+        if i < dropped:
+            told.clock += len(keys)
+            told.c.hits += len(keys)
+            continue
+        told.touch_step(keys, slots)
+        for key in keys:
+            told.hit(key)
+    for token in tokens:
+        held.count_held(token)
+    assert held.c == told.c and held.clock == told.clock
+    assert len(held.deferred) == len(steps) - dropped          # nothing told yet
+    assert _curves(held.policy) == _curves(told.policy) and not held.deferred
+    for state in (told, held):
+        state.set_budget(full // 10)
+    assert held.resident == told.resident and held.c == told.c
