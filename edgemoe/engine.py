@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -77,8 +77,11 @@ class EngineConfig:
 
 
 class Engine:
-    def __init__(self, path: str | Path, config: EngineConfig = EngineConfig()):
-        self.path, self.config = Path(path), config
+    def __init__(self, path: str | Path, config: EngineConfig = EngineConfig(),
+                 on_progress: Callable[[int, int], None] | None = None):
+        """`on_progress(done, total)`: expert bytes read while a budget that holds every expert
+        loads them at open (the CLI's progress bar); not called otherwise."""
+        self.path, self.config, self._on_progress = Path(path), config, on_progress
         self.backend = self.cache = self.prefetcher = None  # what close() frees, once made
         try:
             self._open(config)
@@ -114,7 +117,7 @@ class Engine:
         if low is None and self.cache.state.holds_everything() and config.preload is not False:
             # every expert fits: all loaded now, as llama.cpp loads its weights; decode then runs a
             # token as one graph (edgemoe/token_graph.py)
-            self.cache.preload_all()
+            self.cache.preload_all(self._on_progress)
         self.model = cls(self.file, self.backend, self.cache, kv_type=config.kv_type, n_batch=config.n_batch,
                          repack=config.repack, token_graph=config.token_graph)
         self.tokenizer = Tokenizer(self.path)

@@ -22,6 +22,7 @@ import os
 import queue
 import threading
 import time
+from typing import Callable
 
 from edgemoe.dual import LowCopies
 from edgemoe.events import CacheStats
@@ -371,11 +372,14 @@ class ExpertCache:
             self._loads.join()
 
     # ---- everything resident ------------------------------------------------------------
-    def preload_all(self) -> None:
+    def preload_all(self, on_progress: Callable[[int, int], None] | None = None) -> None:
         """Read every expert now, a layer's reads in flight together: the open of a budget that
         holds them all (`Residency.holds_everything`), as llama.cpp loads its weights. No step
-        counts these reads, and no token waits on a cold miss (the replay starts the same way)."""
+        counts these reads, and no token waits on a cold miss (the replay starts the same way).
+        `on_progress(done, total)`: expert bytes read so far, after each layer (a slice's 5 GiB
+        take ~10 s here)."""
         s = self.state
+        total, done = sum(spec.nbytes for key, spec in self.specs.items() if key not in s.resident), 0
         for layer in sorted({key[0] for key in self.specs}):
             keys = sorted(key for key in self.specs if key[0] == layer and key not in s.resident)
             with self.cond:
@@ -387,6 +391,9 @@ class ExpertCache:
                     s.abort_load(key)
                     s.preload(key)
                     self.experts[key] = expert
+            done += sum(self.specs[key].nbytes for key in keys)
+            if on_progress is not None:
+                on_progress(done, total)
 
     def hold_all(self) -> bool:
         """Pin every expert at once when every one is resident within the budget (a whole-token

@@ -132,3 +132,21 @@ def test_cli_errors_are_one_line(model_q8, tmp_path):
         done = subprocess.run([sys.executable, "-m", "edgemoe.cli", *argv], capture_output=True, text=True)
         assert done.returncode == 2, done.stderr
         assert needle in done.stderr and "Traceback" not in done.stderr
+
+
+def test_open_reports_the_experts_it_loads(model_q8):
+    """A budget that holds every expert loads them at open and says so, layer by layer (the CLI's
+    progress bar): bytes rising to every expert's file bytes; a smaller budget loads nothing then."""
+    seen = []
+    engine = Engine(model_q8, EngineConfig(), on_progress=lambda done, total: seen.append((done, total)))
+    try:
+        total = sum(s.nbytes for s in engine.specs.values())
+        assert len(seen) == len({layer for layer, _ in engine.specs})
+        assert [d for d, _ in seen] == sorted(d for d, _ in seen) and seen[-1] == (total, total)
+        assert {t for _, t in seen} == {total}
+        budget = _budget(engine, 0.5)
+    finally:
+        engine.close()
+    seen.clear()
+    Engine(model_q8, EngineConfig(budget_bytes=budget), on_progress=lambda *a: seen.append(a)).close()
+    assert seen == []

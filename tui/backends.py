@@ -201,11 +201,12 @@ class LlamaChat(_OneStream):
 
 
 def open_backend(path: Path, backend: str, config, reuse_kv: bool = True,
-                 gpu_layers: int = 0) -> EngineChat | LlamaChat:
+                 gpu_layers: int = 0, on_progress=None) -> EngineChat | LlamaChat:
     """`config`: an EngineConfig (the llama backend uses its n_ctx, seed and n_threads, and with a
     budget also its policy and prefetch settings: llama.cpp computes, our cache decides).
     `reuse_kv`: prefill only what a prompt adds to the last one (see EngineChat).
-    `gpu_layers`: llama backend only, dense layers on the GPU (GPU builds of llama.cpp)."""
+    `gpu_layers`: llama backend only, dense layers on the GPU (GPU builds of llama.cpp).
+    `on_progress(done, total)`: the engine's expert bytes read at open (Engine's)."""
     if backend == "llama":
         runtime = None
         if config.budget_bytes is not None or gpu_layers:
@@ -216,4 +217,4 @@ def open_backend(path: Path, backend: str, config, reuse_kv: bool = True,
         return LlamaChat(path, config.n_ctx, config.seed, config.n_threads, reuse_kv, runtime)
     from edgemoe.engine import Engine
 
-    return EngineChat(Engine(path, config), reuse_kv)
+    return EngineChat(Engine(path, config, on_progress), reuse_kv)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgemoe.commands.common import engine_config, model_path, routing_tap
+from edgemoe.commands.common import engine_config, load_progress, model_path, routing_tap
 from edgemoe.errors import InputError
 
 
@@ -24,7 +24,8 @@ def generate_cmd(args: argparse.Namespace) -> int:
             raise InputError("--gpu-layers is for --backend llama (llama.cpp's GPU builds)")
         from edgemoe.engine import Engine
 
-        runtime, label = Engine(path, config), "edgemoe"
+        with load_progress() as on_progress:
+            runtime, label = Engine(path, config, on_progress), "edgemoe"
         events = runtime.stream_generate(args.prompt, args.max_tokens, args.temperature)
     for warning in runtime.warnings:
         print(f"edgemoe generate: warning: {warning}", file=sys.stderr)
@@ -91,5 +92,8 @@ def chat_cmd(args: argparse.Namespace) -> int:
     gpu_layers = getattr(args, "gpu_layers", 0)
     if gpu_layers and args.backend != "llama":
         raise InputError("--gpu-layers is for --backend llama (llama.cpp's GPU builds)")
-    run_chat(open_backend(path, args.backend, engine_config(args, path), gpu_layers=gpu_layers), sampling)
+    with load_progress() as on_progress:
+        backend = open_backend(path, args.backend, engine_config(args, path), gpu_layers=gpu_layers,
+                               on_progress=on_progress)
+    run_chat(backend, sampling)
     return 0

@@ -6,7 +6,7 @@ import ipaddress
 import os
 import sys
 
-from edgemoe.commands.common import engine_config, model_path
+from edgemoe.commands.common import engine_config, load_progress, model_path
 from edgemoe.errors import InputError
 
 API_KEY_ENV = "EDGEMOE_API_KEY"
@@ -27,7 +27,9 @@ def serve_cmd(args: argparse.Namespace) -> int:
         print(f"edgemoe serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
               "port can use the model", file=sys.stderr)
     path = model_path(args.model)
-    backend = open_backend(path, args.backend, engine_config(args, path), gpu_layers=getattr(args, "gpu_layers", 0))
+    with load_progress() as on_progress:
+        backend = open_backend(path, args.backend, engine_config(args, path),
+                               gpu_layers=getattr(args, "gpu_layers", 0), on_progress=on_progress)
     try:
         for warning in backend.warnings:
             print(f"edgemoe serve: warning: {warning}", file=sys.stderr)
