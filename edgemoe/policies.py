@@ -158,7 +158,6 @@ class LayerSplit(Policy):
         self.slot_bytes = {l: max(sum(self.sizes[k] for k in keys) // len(keys), 1) for l, keys in by_layer.items()}
         self.resident = {l: [] for l in self.curves}
         self.current = None
-        self.total_bytes = sum(self.sizes.values())
         self.unplanned: dict[int, int] = {}  # layer -> its share at its last step, not planned yet
 
     def _key(self, layer: int, e: int) -> tuple[float, float, float]:
@@ -170,7 +169,7 @@ class LayerSplit(Policy):
         if layer is None:
             return
         share = len(self.resident[layer])
-        if self.residency.budget_bytes >= self.total_bytes:
+        if self.residency.holds_everything():
             # every expert fits: no victim is chosen, so the plan (~0.15 ms per layer step, most of
             # this policy's cost at a full budget) waits until one is (a budget lowered live)
             self.curves[layer].end_step(None)

@@ -48,6 +48,7 @@ class Residency:
     def __init__(self, sizes: dict[Key, int], budget_bytes: int, policy: Policy):
         self.sizes = sizes
         self.largest_bytes = max(sizes.values(), default=0)
+        self.total_bytes = sum(sizes.values())  # every expert
         check_budget(budget_bytes, self.largest_bytes)
         self.budget_bytes = budget_bytes
         self.resident: set[Key] = set()
@@ -102,9 +103,7 @@ class Residency:
         """`touch` of each of one layer step's keys (distinct, one layer), the policy told at once."""
         if not keys:
             return
-        clocks = list(range(self.clock + 1, self.clock + 1 + len(keys)))
-        self.clock = clocks[-1]
-        self.policy.touch_step(keys, clocks, slots)
+        self.policy.touch_step(keys, self._tick(len(keys)), slots)
         for k in sorted(self.waiting.pop(keys[0][0], ())):
             self.stale[k] = None
         for key in keys:
@@ -122,9 +121,13 @@ class Residency:
             return
         for keys, slots in steps:
             if keys:
-                self.deferred.append((keys, list(range(self.clock + 1, self.clock + 1 + len(keys))), slots))
-                self.clock += len(keys)
+                self.deferred.append((keys, self._tick(len(keys)), slots))
                 self.c.hits += len(keys)
+
+    def _tick(self, n: int) -> list[int]:
+        """The clocks of the next n accesses (the clock advances past them)."""
+        self.clock += n
+        return list(range(self.clock - n + 1, self.clock + 1))
 
     def hit(self, key: Key) -> None:
         self.c.hits += 1
@@ -194,7 +197,7 @@ class Residency:
     def holds_everything(self) -> bool:
         """The budget holds every expert: the engine then loads them all at open (as llama.cpp
         does) and the replay starts from that, so neither counts a cold miss."""
-        return self.budget_bytes >= sum(self.sizes.values())
+        return self.budget_bytes >= self.total_bytes
 
     def preload(self, key: Key) -> None:
         """`key` made resident before any step (an open's load): in no counter, no clock tick."""
