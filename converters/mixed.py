@@ -4,10 +4,20 @@ calibrate (converters/calibration.py) -> expected error of every expert in every
 -> allocate types within the expert byte budget (converters/allocation.py) -> write the extended
 layout with each expert in its type, quantized with its importance matrix
 (converters/extended.py). Dense tensors keep one configurable type.
+
+Granularity (`--mixed-per`): "expert" (default) gives each expert its own type; "layer" gives
+all experts of a layer one type, chosen per layer by the same knapsack over the layers' summed
+bytes and errors. A layer of one type is one arena in the engine (edgemoe/arenas.py), so a
+decode step with every expert resident runs as one graph (edgemoe/token_graph.py); experts of
+several types in a layer run layer by layer, two graph computes per layer. Candidate types
+(`--mixed-types`): q2_k..q8_0 by default, or "repacked", the ones ggml's CPU backend on this
+machine multiplies repacked (edgemoe/native/repack.py: q4_k, and q2_k on AVX-512), whose
+kernels are the faster ones at full budget (docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +36,8 @@ from edgemoe.converters.types import parse_output_type
 from edgemoe.layout import KEY_MIXED_BUDGET, KEY_MIXED_ERROR, KEY_MIXED_GAP, KEY_MIXED_SOURCE, KEY_MIXED_TOKENS
 
 Key = tuple[int, int]
+GRANULARITIES = ("expert", "layer")
+REPACKED = "repacked"  # --mixed-types: the candidate types this machine's CPU backend repacks
 
 
 @dataclass(frozen=True)
@@ -70,13 +82,14 @@ def experts_bytes(experts: dict[Key, ExpertSource], qtype: QT) -> int:
     return sum(src.nbytes(src.types(qtype)) for src in experts.values())
 
 
-def expert_options(experts: dict[Key, ExpertSource], calib: Calibration) -> dict[Key, list[Option]]:
-    """Per expert, each candidate type as (bytes, expected error); types that fall back to the
-    same tensors as a smaller candidate are dropped."""
+def expert_options(experts: dict[Key, ExpertSource], calib: Calibration,
+                   types: tuple[QT, ...] | None = None) -> dict[Key, list[Option]]:
+    """Per expert, each candidate type (`types`, default the calibration's) as (bytes, expected
+    error); types that fall back to the same tensors as a smaller candidate are dropped."""
     options = {}
     for key, src in experts.items():
         stats, seen, opts = calib.experts[key], set(), []
-        for qtype in sorted(calib.types, key=lambda t: src.nbytes(src.types(t))):
+        for qtype in sorted(_measured(calib, types), key=lambda t: src.nbytes(src.types(t))):
             actual = src.types(qtype)
             if actual in seen:
                 continue
@@ -86,15 +99,86 @@ def expert_options(experts: dict[Key, ExpertSource], calib: Calibration) -> dict
     return options
 
 
+def _measured(calib: Calibration, types: tuple[QT, ...] | None) -> tuple[QT, ...]:
+    """`types` (None: all the calibration measured), refused where the calibration has no errors for one."""
+    if types is None:
+        return calib.types
+    missing = [t.name.lower() for t in types if t not in calib.types]
+    if missing:
+        raise ConvertError(f"the calibration measured no errors for {', '.join(missing)} (it has "
+                           f"{', '.join(t.name.lower() for t in calib.types)}); calibrate again with those types")
+    return types
+
+
+def layer_options(experts: dict[Key, ExpertSource], calib: Calibration,
+                  types: tuple[QT, ...] | None = None) -> dict[int, list[Option]]:
+    """Per layer, each candidate type given to every expert of it, as (bytes, expected error),
+    both summed over the layer's experts; a type whose tensors are those of a smaller candidate
+    for every expert (the writer's fallbacks) is dropped, as in expert_options."""
+    by_layer: dict[int, list[Key]] = defaultdict(list)
+    for key in sorted(experts):
+        by_layer[key[0]].append(key)
+    options = {}
+    for layer, keys in by_layer.items():
+        seen, opts = set(), []
+        for qtype in sorted(_measured(calib, types), key=lambda t: sum(experts[k].nbytes(experts[k].types(t)) for k in keys)):
+            actual = tuple(experts[k].types(qtype) for k in keys)
+            if actual in seen:
+                continue
+            seen.add(actual)
+            opts.append(Option(qtype, sum(experts[k].nbytes(experts[k].types(qtype)) for k in keys),
+                               sum(calib.experts[k].cost(qtype) for k in keys)))
+        options[layer] = opts
+    return options
+
+
+def allocate_types(experts: dict[Key, ExpertSource], calib: Calibration, budget: int, per: str = "expert",
+                   exact: bool | None = None, types: tuple[QT, ...] | None = None) -> Allocation:
+    """Types among `types` (default: the calibration's) within `budget` bytes at granularity `per`
+    ("expert" or "layer"); the choice is per expert either way (a layer's copied to its experts)."""
+    if per == "expert":
+        return allocate(expert_options(experts, calib, types), budget, exact)
+    if per != "layer":
+        raise ConvertError(f"unknown granularity {per!r}; choose one of {', '.join(GRANULARITIES)}")
+    by_layer = allocate(layer_options(experts, calib, types), budget, exact)
+    choice = {key: by_layer.choice[key[0]] for key in sorted(experts)}
+    return Allocation(choice, by_layer.total_bytes, by_layer.objective, by_layer.lower_bound, f"{by_layer.method}, per layer")
+
+
+def parse_candidate_types(text: str | None) -> tuple[QT, ...]:
+    """--mixed-types: None -> every candidate (q2_k..q8_0); "repacked" -> those this machine's
+    CPU backend multiplies repacked; else comma-separated names among the candidates."""
+    if text is None:
+        return CANDIDATE_TYPES
+    if text.strip().lower() == REPACKED:
+        from edgemoe.native import repack
+
+        found = tuple(t for t in CANDIDATE_TYPES if repack.repacks_type(int(t)))
+        if not found:
+            raise ConvertError("this machine's ggml CPU backend repacks none of the candidate types "
+                               f"({', '.join(t.name.lower() for t in CANDIDATE_TYPES)}); name the types instead")
+        return found
+    names = {t.name.lower(): t for t in CANDIDATE_TYPES}
+    chosen = []
+    for name in (n.strip().lower() for n in text.split(",")):
+        if name not in names:
+            raise ConvertError(f"unknown expert type {name!r} in --mixed-types; choose among "
+                               f"{', '.join(names)} or {REPACKED!r}")
+        if names[name] not in chosen:
+            chosen.append(names[name])
+    return tuple(sorted(chosen, key=CANDIDATE_TYPES.index))
+
+
 def convert_mixed(hf_dir: str | Path, out_path: str | Path, expert_bytes: str | int | None = None,
                   avg_bits: float | None = None, dense_type: str = "q8_0",
                   calibration: Calibration | str | Path | None = None, uniform_type: str | None = None,
                   imatrix: str = "never", n_tokens: int = 8192, types: tuple[QT, ...] = CANDIDATE_TYPES,
-                  n_threads: int | None = None, exact: bool | None = None,
+                  n_threads: int | None = None, exact: bool | None = None, per: str = "expert",
                   on_progress: ProgressFn | None = None, on_stage=None) -> MixedReport:
     """Calibrate (or reuse `calibration`), allocate types within the budget, write the extended
     layout. `calibration` may be a Calibration, a text/JSONL file, or None (the demo corpus).
     `uniform_type` writes every expert in that type instead (a baseline at equal layout).
+    per: "expert" or "layer", the granularity of the choice (module docstring).
     imatrix: "never" (default) quantizes no expert with its importance matrix, "always" every one,
     "auto" those where calibration measured a lower error with it in the chosen type (a fresh
     calibration measures errors the same way)."""
@@ -102,6 +186,8 @@ def convert_mixed(hf_dir: str | Path, out_path: str | Path, expert_bytes: str | 
     out = Path(out_path)
     check_output_path(out)
     parse_output_type(dense_type)
+    if per not in GRANULARITIES:
+        raise ConvertError(f"unknown granularity {per!r}; choose one of {', '.join(GRANULARITIES)}")
     conv = converter_for(HFCheckpoint(hf_dir))
     _, experts = split_plan(conv.plan())
     if not experts:
@@ -119,7 +205,7 @@ def convert_mixed(hf_dir: str | Path, out_path: str | Path, expert_bytes: str | 
         chosen = {key: qtype for key in experts}
         extra = {}
     else:
-        allocation = allocate(expert_options(experts, calibration), budget, exact)
+        allocation = allocate_types(experts, calibration, budget, per, exact, types)
         chosen = dict(allocation.choice)
         extra = {KEY_MIXED_BUDGET: budget, KEY_MIXED_ERROR: allocation.objective, KEY_MIXED_GAP: allocation.gap}
     extra |= {KEY_MIXED_SOURCE: calibration.source, KEY_MIXED_TOKENS: calibration.n_tokens}

@@ -40,6 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--imatrix", choices=["auto", "always", "never"], default="never",
                    help="with --mixed: quantize experts with their importance matrices never (default: on the demo "
                         "model it did not lower held-out KL), always, or where calibration measured it better (auto)")
+    c.add_argument("--mixed-types", default=None, metavar="TYPES",
+                   help="with --mixed: the expert types to choose from, comma-separated (default "
+                        "q2_k,q3_k,q4_k,q5_k,q6_k,q8_0), or 'repacked': those ggml's CPU backend on this machine "
+                        "multiplies repacked (q4_k, and q2_k on AVX-512), the faster kernels when every expert fits")
+    c.add_argument("--mixed-per", choices=["expert", "layer"], default="expert",
+                   help="with --mixed: choose a type per expert (default, least error for the bytes) or per layer "
+                        "(every expert of a layer in one type: the engine then decodes a token as one graph when "
+                        "the budget holds every expert, instead of layer by layer)")
     c.set_defaults(func=convert.convert_cmd)
 
     _compress_parser(sub)

@@ -4,12 +4,14 @@ HF checkpoint), so the engine's speed on a mixed file can be measured at true mo
 
     python -m edgemoe.models.mixtral_slice OUT.gguf --layers 8 --mixed-bits 3.4375
     python -m edgemoe.models.qwen3_slice OUT.gguf --layers 16 --mixed-bits 3.4375
+    python -m edgemoe.models.qwen3_slice OUT.gguf --layers 16 --mixed-bits 3.4375 --mixed-types repacked --mixed-per layer
 
 The same code as the real converter does the work: the slice is presented to
 `converters/extended.write_extended` as an architecture converter (`SliceConverter`), each expert
 is one `ExpertSource`, the byte budget comes from `converters/mixed.expert_budget` (3.4375 bits
-per weight = q3_k's bytes exactly) and the types from `expert_options` + `allocation.allocate`
-(the multiple-choice knapsack) on cost(e, t) = importance(e) x rel_error(t). Dense tensors are
+per weight = q3_k's bytes exactly) and the types from `allocate_types` (`expert_options`, or
+`layer_options` with `--mixed-per layer`, then `allocation.allocate`: the multiple-choice
+knapsack) on cost(e, t) = importance(e) x rel_error(t). Dense tensors are
 the stock slice's (random rows in `--type`, q4_k by default; norms and routers f32).
 
 The expert weights are the stock slice's own: each expert matrix is the slice's random q4_k rows,
@@ -48,13 +50,13 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import MODEL_TENSOR as T
 
-from edgemoe.converters.allocation import Allocation, allocate
+from edgemoe.converters.allocation import Allocation
 from edgemoe.converters.arch.base import PlannedTensor
 from edgemoe.converters.atomic import check_output_path
 from edgemoe.converters.calibration import CANDIDATE_TYPES, Calibration, ExpertStats
 from edgemoe.converters.convert import ProgressFn
 from edgemoe.converters.extended import ExpertSource, ExtendedReport, split_plan, write_extended
-from edgemoe.converters.mixed import MixedReport, expert_budget, expert_options, experts_bytes
+from edgemoe.converters.mixed import MixedReport, allocate_types, expert_budget, experts_bytes
 from edgemoe.converters.types import parse_output_type
 from edgemoe.layout import (KEY_MIXED_BUDGET, KEY_MIXED_ERROR, KEY_MIXED_GAP, KEY_MIXED_SOURCE, KEY_MIXED_TOKENS,
                             ROLES)
@@ -133,12 +135,12 @@ def weight_errors(src: ExpertSource, types: tuple[QT, ...] = CANDIDATE_TYPES, se
 
 
 def proxy_calibration(dense: list[PlannedTensor], experts: dict[Key, ExpertSource], top_k: int,
-                      seed: int = 0) -> Calibration:
+                      seed: int = 0, types: tuple[QT, ...] = CANDIDATE_TYPES) -> Calibration:
     """The stand-in for `calibrate` (module docstring): per expert its routing frequency as
     importance and the slice's measured error per type."""
     rng = np.random.default_rng(seed)
     by_name = {t.name: t for t in dense}
-    errors = weight_errors(experts[min(experts)])
+    errors = weight_errors(experts[min(experts)], types)
     stats = {}
     for layer in sorted({layer for layer, _ in experts}):
         router = by_name[tensor_name(T.FFN_GATE_INP, layer)]
@@ -147,7 +149,7 @@ def proxy_calibration(dense: list[PlannedTensor], experts: dict[Key, ExpertSourc
             stats[(layer, e)] = ExpertStats(layer, e, experts[(layer, e)].n_params,
                                             tokens=int(round(share * ROUTING_SAMPLES)), importance=float(share),
                                             rel_error=dict(errors))
-    return Calibration(SOURCE, ROUTING_SAMPLES, CANDIDATE_TYPES, stats)
+    return Calibration(SOURCE, ROUTING_SAMPLES, types, stats)
 
 
 @dataclass(frozen=True)
@@ -163,23 +165,27 @@ class MixedSliceReport(MixedReport):
                 f"{self.seconds:.0f} s")
 
 
-def plan_mixed(conv: SliceConverter, bits: float = Q3_K_BITS) -> tuple[Calibration, Allocation, int, int]:
-    """(calibration proxy, allocation, budget bytes, uniform q3_k bytes) for `conv`'s experts."""
+def plan_mixed(conv: SliceConverter, bits: float = Q3_K_BITS, types: tuple[QT, ...] = CANDIDATE_TYPES,
+               per: str = "expert") -> tuple[Calibration, Allocation, int, int]:
+    """(calibration proxy, allocation, budget bytes, uniform q3_k bytes) for `conv`'s experts, each
+    expert (per="expert") or each layer (per="layer") given one of `types`."""
     dense, experts = split_plan(conv.plan())
-    budget = expert_budget(experts, avg_bits=bits)
-    calib = proxy_calibration(dense, experts, conv.spec.shape.top_k)
-    return calib, allocate(expert_options(experts, calib), budget), budget, experts_bytes(experts, QT.Q3_K)
+    budget = expert_budget(experts, avg_bits=bits, types=types)
+    calib = proxy_calibration(dense, experts, conv.spec.shape.top_k, types=types)
+    return calib, allocate_types(experts, calib, budget, per), budget, experts_bytes(experts, QT.Q3_K)
 
 
 def write_mixed_slice(out: str | Path, spec: SliceSpec, bits: float = Q3_K_BITS, dense_type: str = "q4_k",
-                      on_progress: ProgressFn | None = None) -> MixedSliceReport:
-    """Write `spec` in the extended layout, experts within `bits` bits per weight, atomically."""
+                      on_progress: ProgressFn | None = None, types: tuple[QT, ...] = CANDIDATE_TYPES,
+                      per: str = "expert") -> MixedSliceReport:
+    """Write `spec` in the extended layout, experts within `bits` bits per weight, atomically
+    (types and per as plan_mixed)."""
     start = time.perf_counter()
     out = Path(out)
     check_output_path(out)
     with tempfile.TemporaryDirectory(prefix=".edgemoe-slice-vocab-") as tmp:
         conv = SliceConverter(spec, dense_type, _vocab_folder(Path(tmp), spec.name))
-        calib, allocation, budget, q3_k = plan_mixed(conv, bits)
+        calib, allocation, budget, q3_k = plan_mixed(conv, bits, types, per)
         extra = {KEY_MIXED_BUDGET: budget, KEY_MIXED_ERROR: allocation.objective, KEY_MIXED_GAP: allocation.gap,
                  KEY_MIXED_SOURCE: calib.source, KEY_MIXED_TOKENS: calib.n_tokens}
         written = write_extended(conv, out, dense_type, dict(allocation.choice), None, extra, on_progress)

@@ -126,7 +126,8 @@ def write_slice(out: str | Path, spec: SliceSpec, out_type: str) -> Path:
 
 
 def slice_main(spec_for: Callable[[int, int], SliceSpec], doc: str, default_layers: int) -> None:
-    """`python -m edgemoe.models.<arch>_slice OUT --layers N --type T --seed S [--mixed-bits B]`."""
+    """`python -m edgemoe.models.<arch>_slice OUT --layers N --type T --seed S [--mixed-bits B
+    [--mixed-types TYPES] [--mixed-per expert|layer]]`."""
     import argparse
 
     from edgemoe.models.mixed_slice import Q3_K_BITS, write_mixed_slice
@@ -140,9 +141,17 @@ def slice_main(spec_for: Callable[[int, int], SliceSpec], doc: str, default_laye
                    help="write edgemoe's extended layout instead, each expert in its own type, all experts "
                         f"within BITS bits per expert weight ({Q3_K_BITS} = q3_k's bytes); engine only, "
                         "llama.cpp cannot load it (edgemoe/models/mixed_slice.py)")
+    p.add_argument("--mixed-types", default=None, metavar="TYPES",
+                   help="with --mixed-bits: expert types to choose from, as `edgemoe convert --mixed-types` "
+                        "(default q2_k..q8_0; 'repacked': those this machine's CPU backend repacks)")
+    p.add_argument("--mixed-per", choices=["expert", "layer"], default="expert",
+                   help="with --mixed-bits: a type per expert (default) or one per layer, as `edgemoe convert --mixed-per`")
     a = p.parse_args()
     spec = spec_for(a.layers, a.seed)
     if a.mixed_bits is None:
         print(write_slice(a.output, spec, a.type))
     else:
-        print(write_mixed_slice(a.output, spec, a.mixed_bits, a.type).summary())
+        from edgemoe.converters.mixed import parse_candidate_types
+
+        print(write_mixed_slice(a.output, spec, a.mixed_bits, a.type, types=parse_candidate_types(a.mixed_types),
+                                per=a.mixed_per).summary())

@@ -12,7 +12,10 @@ from gguf import GGMLQuantizationType as QT
 from edgemoe.converters.allocation import AllocationError, Option, allocate, minimum_bytes
 from edgemoe.converters.calib_text import MIN_CALIBRATION_TOKENS, CalibrationError, calibration_text, check_enough
 from edgemoe.converters.extended import ExpertSource
-from edgemoe.converters.mixed import expert_budget, experts_bytes
+from edgemoe.converters.calibration import CANDIDATE_TYPES, Calibration, ExpertStats
+from edgemoe.converters.errors import ConvertError
+from edgemoe.converters.mixed import (allocate_types, expert_budget, experts_bytes, layer_options,
+                                      parse_candidate_types)
 
 
 def _instance(rng, n_items: int, n_opts: int) -> dict:
@@ -89,6 +92,58 @@ def test_fallback_rows_are_costed_at_the_type_actually_written():
     src = experts[(0, 0)]
     assert src.types(QT.Q2_K) == (QT.Q4_0, QT.Q4_0, QT.Q4_0)
     assert experts_bytes(experts, QT.Q2_K) == 3 * 384 * 384 * 18 // 32
+
+
+def _layered(n_layers: int = 4, n_experts: int = 3, seed: int = 0) -> tuple[dict, Calibration]:
+    """Experts over several layers, each with its own importance, and errors per type."""
+    rng = np.random.default_rng(seed)
+    shapes = {"gate": (512, 256), "up": (512, 256), "down": (256, 512)}
+    experts = {(layer, e): ExpertSource(layer, e, {}, shapes) for layer in range(n_layers) for e in range(n_experts)}
+    errors = {QT.Q2_K: 0.1, QT.Q3_K: 0.04, QT.Q4_K: 0.015, QT.Q5_K: 0.006, QT.Q6_K: 0.003, QT.Q8_0: 0.001}
+    stats = {key: ExpertStats(*key, src.n_params, importance=float(rng.random() * (1 + key[0])), rel_error=dict(errors))
+             for key, src in experts.items()}
+    return experts, Calibration("test", 0, CANDIDATE_TYPES, stats)
+
+
+def test_per_layer_allocation_gives_each_layer_one_type_and_is_optimal_among_them():
+    experts, calib = _layered()
+    types = (QT.Q2_K, QT.Q4_K)
+    budget = expert_budget(experts, avg_bits=3.4375, types=types)
+    got = allocate_types(experts, calib, budget, per="layer", types=types)
+    assert got.total_bytes <= budget and got.method == "exact, per layer"
+    assert set(got.choice) == set(experts)
+    by_layer = {layer: {got.choice[(layer, e)] for e in range(3)} for layer in range(4)}
+    assert all(len(chosen) == 1 for chosen in by_layer.values())
+    assert {t for (t,) in by_layer.values()} == set(types)  # 3.4375 bits: some layers at each type
+    # no other one-type-per-layer choice within the budget has less expected error
+    best = np.inf
+    for combo in itertools.product(types, repeat=4):
+        keys = [(k, t) for k in experts for t in [combo[k[0]]]]
+        if sum(experts[k].nbytes(experts[k].types(t)) for k, t in keys) <= budget:
+            best = min(best, sum(calib.experts[k].cost(t) for k, t in keys))
+    assert got.objective == pytest.approx(best)
+    # per expert the same budget buys no more error than per layer (a finer choice)
+    assert allocate_types(experts, calib, budget, per="expert", types=types).objective <= got.objective + 1e-12
+    options = layer_options(experts, calib, types)
+    assert [o.label for o in options[0]] == list(types)
+    assert options[0][1].nbytes == sum(experts[(0, e)].nbytes(experts[(0, e)].types(QT.Q4_K)) for e in range(3))
+    with pytest.raises(ConvertError, match="unknown granularity"):
+        allocate_types(experts, calib, budget, per="row")
+
+
+def test_candidate_types_by_name_or_what_this_cpu_repacks():
+    from edgemoe.native import repack
+
+    assert parse_candidate_types(None) == CANDIDATE_TYPES
+    assert parse_candidate_types(" Q4_K,q2_k,q4_k ") == (QT.Q2_K, QT.Q4_K)
+    assert parse_candidate_types("repacked") == tuple(t for t in CANDIDATE_TYPES if repack.repacks_type(int(t)))
+    assert QT.Q4_K in parse_candidate_types("repacked")  # AVX2 and AVX-512 both repack q4_k
+    with pytest.raises(ConvertError, match="unknown expert type 'q4_1'.*repacked"):
+        parse_candidate_types("q4_k,q4_1")
+    experts, calib = _layered()
+    narrow = Calibration("test", 0, (QT.Q4_K,), calib.experts)
+    with pytest.raises(ConvertError, match="measured no errors for q2_k"):
+        allocate_types(experts, narrow, 10**9, types=(QT.Q2_K, QT.Q4_K))
 
 
 def test_calibration_text_sources_and_errors(tmp_path):

@@ -10,6 +10,7 @@ import gguf.quants
 import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType as QT
 
 from edgemoe.cli import main as cli_main
 from edgemoe.converters.calibration import calibrate
@@ -179,6 +180,20 @@ def test_cli_convert_mixed_and_its_errors(tiny_checkpoint, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not loadable by stock llama.cpp" in err and "expert types" in err
     assert read_layout(GGUFFile(out)).n_experts == 24
+
+    per_layer = tmp_path / "per-layer.gguf"
+    assert cli_main(["convert", str(ckpt), "-o", str(per_layer), "--mixed", "--avg-bits", "3.5", "--calibration",
+                     str(text), "--calibration-tokens", "256", "--mixed-types", "q2_k,q4_k", "--mixed-per", "layer"]) == 0
+    layout = read_layout(GGUFFile(per_layer))
+    for layer, n in enumerate(layout.expert_counts):
+        chosen = {layout.expert_types[(layer, e)] for e in range(n)}
+        assert len(chosen) == 1 and chosen.pop()[0] in (QT.Q2_K, QT.Q4_K, QT.Q4_0, QT.Q5_0)  # or their fallbacks
+    capsys.readouterr()
+    assert cli_main(["convert", str(ckpt), "-o", str(tmp_path / "x.gguf"), "--mixed-per", "layer"]) == 2
+    assert "need --mixed" in capsys.readouterr().err
+    assert cli_main(["convert", str(ckpt), "-o", str(tmp_path / "x.gguf"), "--mixed", "--avg-bits", "3",
+                     "--mixed-types", "q4_1"]) == 2
+    assert "unknown expert type 'q4_1'" in capsys.readouterr().err
 
     assert cli_main(["convert", str(ckpt), "-o", str(tmp_path / "x.gguf"), "--mixed", "--avg-bits", "2"]) == 2
     assert "below the minimum" in capsys.readouterr().err

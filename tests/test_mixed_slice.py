@@ -113,6 +113,43 @@ def _dequantised_plan(mixed) -> list[PlannedTensor]:
     return plan
 
 
+def _decode(path, one_graph: bool, n_prefill: int = 8):
+    """Decode-step logits over PROMPT_IDS after a prefill, and the parts the backend computed."""
+    import torch
+
+    engine = Engine(path, EngineConfig(n_threads=1, token_graph=one_graph))
+    try:
+        kv = engine.model.new_kv(len(PROMPT_IDS))
+        with torch.no_grad():
+            engine.model.forward(PROMPT_IDS[:n_prefill], kv, 0)
+            rows = [engine.model.forward([t], kv, i).numpy() for i, t in enumerate(PROMPT_IDS) if i >= n_prefill]
+        kv.close()
+        return np.concatenate(rows), dict(engine.backend.compute_s)
+    finally:
+        engine.close()
+
+
+def test_one_type_per_layer_decodes_as_one_graph(tiny_mixed, tmp_path):
+    """--mixed-per layer: each layer's experts take one type (both types used at 4 bits), so with
+    every expert resident a decode step runs as one graph, bit-identical to layer by layer; a
+    per-expert file whose layers span types cannot (edgemoe/token_graph.py)."""
+    spec = slice_spec(2, dims=TINY)
+    report = write_mixed_slice(tmp_path / "per-layer.gguf", spec, bits=4.0, types=(QT.Q2_K, QT.Q4_K), per="layer")
+    layout = read_layout(GGUFFile(report.written.path))
+    per_layer = [{layout.expert_types[(layer, e)] for e in range(TINY.n_expert)} for layer in range(2)]
+    assert all(len(types) == 1 for types in per_layer)
+    assert {types.pop()[0] for types in per_layer} == {QT.Q2_K, QT.Q4_K}
+    assert report.written.expert_bytes <= report.budget_bytes
+    got, computed = _decode(report.written.path, one_graph=True)
+    want, _ = _decode(report.written.path, one_graph=False)
+    assert "token" in computed, "no one-graph decode step ran; the test proves nothing"
+    np.testing.assert_array_equal(got, want)
+
+    per_expert = read_layout(GGUFFile(tiny_mixed[1].written.path))
+    if any(len({per_expert.expert_types[(layer, e)] for e in range(TINY.n_expert)}) > 1 for layer in range(2)):
+        assert "token" not in _decode(tiny_mixed[1].written.path, one_graph=True)[1]
+
+
 @pytest.mark.slow
 def test_qwen3_plan_follows_routing_and_takes_q3_k_bytes(tmp_path):
     """The real 16-layer Qwen3-shaped plan (allocation only, nothing written): the proxy's routing

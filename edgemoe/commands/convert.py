@@ -24,8 +24,9 @@ def convert_cmd(args: argparse.Namespace) -> int:
 
         if getattr(args, "mixed", False):
             return _convert_mixed(args, console, on_progress, lambda text: bar.update(task, description=text))
-        if args.expert_bytes is not None or args.avg_bits is not None or args.calibration is not None:
-            raise InputError("--expert-bytes, --avg-bits and --calibration need --mixed")
+        if (args.expert_bytes is not None or args.avg_bits is not None or args.calibration is not None
+                or args.mixed_types is not None or args.mixed_per != "expert"):
+            raise InputError("--expert-bytes, --avg-bits, --calibration, --mixed-types and --mixed-per need --mixed")
         report = convert(args.hf_dir, args.output, args.type or "f16", on_progress=on_progress)
     console.print(f"wrote {report.path} ({report.architecture}, {report.n_tensors} tensors, "
                   f"{report.total_bytes / 2**20:.1f} MiB, experts {report.expert_bytes / 2**20:.1f} MiB) "
@@ -36,10 +37,11 @@ def convert_cmd(args: argparse.Namespace) -> int:
 
 
 def _convert_mixed(args: argparse.Namespace, console: Console, on_progress, on_stage) -> int:
-    from edgemoe.converters.mixed import convert_mixed
+    from edgemoe.converters.mixed import convert_mixed, parse_candidate_types
 
     r = convert_mixed(args.hf_dir, args.output, args.expert_bytes, args.avg_bits, args.type or "q8_0",
                       args.calibration, imatrix=args.imatrix, n_tokens=args.calibration_tokens,
+                      types=parse_candidate_types(args.mixed_types), per=args.mixed_per,
                       on_progress=on_progress, on_stage=on_stage)
     w, a = r.written, r.allocation
     console.print(f"wrote {w.path} (edgemoe extended layout, not loadable by stock llama.cpp; {w.n_tensors} tensors, "
