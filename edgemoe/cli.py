@@ -28,8 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--mixed the dense tensors' type, default q8_0); norms and routers stay f32, rows that do "
                         "not fit a K-quant block fall back")
     c.add_argument("--mixed", action="store_true",
-                   help="per-expert mixed precision: calibrate, then give each expert the type (q2_k..q8_0) that "
-                        "minimises expected output error within --expert-bytes / --avg-bits; writes edgemoe's "
+                   help="per-expert mixed precision: calibrate, then give each expert (or each layer, --mixed-per) "
+                        "the type (q2_k..q8_0, --mixed-types) that minimises expected output error within "
+                        "--expert-bytes / --avg-bits; writes edgemoe's "
                         "extended layout (runs in the edgemoe engine, not in stock llama.cpp)")
     c.add_argument("--expert-bytes", default=None, help="with --mixed: bytes for all experts (1.5GB, 800MiB)")
     c.add_argument("--avg-bits", type=float, default=None, help="with --mixed: average bits per expert weight (3.5)")
