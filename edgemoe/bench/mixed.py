@@ -1,12 +1,13 @@
 """Mixed precision vs uniform quantisation at equal expert bytes on the demo model, and dual
 precision at small budgets (the tables in docs/BENCHMARKS.md).
 
-    python -m edgemoe.bench.mixed [--windows N] [--dual] [--slice] [--threads 1]
+    python -m edgemoe.bench.mixed [--windows N] [--dual] [--slice] [--threads 1] [--only TEXT]
 
 Quality: the demo checkpoint calibrated on 8192 tokens of the train split (imatrix "never", the
 default, and once more with "auto"), then every variant written in the extended layout with
 dense tensors in q8_0: uniform q2_k / q3_k / q4_k (imatrix never / always / auto) and mixed at
-each uniform file's expert bytes (imatrix never / auto) and in between (never); each evaluated
+each uniform file's expert bytes (imatrix never / auto) and in between (never), and at q3_k's bytes
+one type per layer (`--mixed-per layer`, all candidates and only the repacked ones); each evaluated
 against the f32 conversion on the held-out split (edgemoe.bench.quality). Dual precision: the demo
 q8_0 file (and with --slice the Mixtral-shaped slice) at 50% / 25% budgets, teacher-forced
 decoding of held-out text, without low copies and in each dual mode.
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from edgemoe.converters.calibration import calibrate
-from edgemoe.converters.mixed import convert_mixed, experts_bytes
+from edgemoe.converters.mixed import REPACKED, convert_mixed, experts_bytes, parse_candidate_types
 from edgemoe.demo import demo_gguf
 from edgemoe.models import demo_dir
 from edgemoe.models.cache import cache_dir
@@ -31,7 +32,8 @@ BETWEEN_BITS = (3.0, 4.0)  # mixed budgets between the uniform types' bits per w
 DENSE_TYPE = "q8_0"
 
 
-def quality_rows(out_dir: Path, max_windows: int | None, n_threads: int) -> list[dict]:
+def quality_rows(out_dir: Path, max_windows: int | None, n_threads: int, only: str | None = None) -> list[dict]:
+    """only: the variants whose name contains it (and the reference), else every one."""
     from edgemoe.converters.arch import converter_for
     from edgemoe.converters.extended import split_plan
     from edgemoe.converters.hf_checkpoint import HFCheckpoint
@@ -58,8 +60,14 @@ def quality_rows(out_dir: Path, max_windows: int | None, n_threads: int) -> list
         variants[f"mixed @ {t} bytes (default: imatrix never)"] = dict(expert_bytes=t_bytes)
         variants[f"mixed @ {t} bytes, imatrix auto"] = dict(expert_bytes=t_bytes, calibration=both,
                                                             imatrix="auto")
+        if t == "q3_k":  # one type per layer: the engine's one-graph decode (converters/mixed.py)
+            variants["mixed @ q3_k bytes, one type per layer"] = dict(expert_bytes=t_bytes, per="layer")
+            variants["mixed @ q3_k bytes, one repacked type per layer"] = dict(
+                expert_bytes=t_bytes, per="layer", types=parse_candidate_types(REPACKED))
     for bits in BETWEEN_BITS:
         variants[f"mixed @ {bits} bits"] = dict(avg_bits=bits)
+    if only:
+        variants = {name: kw for name, kw in variants.items() if only in name or name.startswith("experts f32")}
     paths, reports = {}, {}
     for name, kw in variants.items():
         path = out_dir / ("".join(c if c.isalnum() or c in "._" else "_" for c in name) + ".gguf")
@@ -157,10 +165,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="ggml threads (torch always uses one)")
     p.add_argument("--dual", action="store_true", help="only the dual-precision tables")
     p.add_argument("--slice", action="store_true", help="also dual precision on the Mixtral-shaped slice")
+    p.add_argument("--only", default=None, metavar="TEXT",
+                   help="quality: only the variants whose name contains TEXT (the f32-experts floor always runs)")
     a = p.parse_args()
     torch.set_num_threads(1)  # torch's small per-token ops; an oversubscribed pool of 2 runs them ~10x slower
     if not a.dual:
-        print_quality(quality_rows(cache_dir("bench", "mixed"), a.windows, a.threads))
+        print_quality(quality_rows(cache_dir("bench", "mixed"), a.windows, a.threads, a.only))
     print_dual(dual_rows(demo_gguf(), a.threads))
     if a.slice:
         from edgemoe.models.mixtral_slice import write_mixtral_slice
