@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-tokens", type=int, default=64, help="prompt length for prefill (default 64)")
     b.add_argument("--policy", default=DEFAULT_POLICY)
     b.add_argument("--prefetch", action="store_true")
+    b.add_argument("--predictor", default=None, metavar="NAME|FILE.onnx",
+                   help="with --max-memory: the managed runs prefetch with this predictor (implies --prefetch; "
+                        "names as generate --predictor: cooccur, router, prior, none, learned, or a FILE.onnx)")
     b.add_argument("--threads", type=int, default=None, help="threads for both backends (default: all cores)")
     b.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     b.add_argument("--kv-type", default="f16", choices=("f16", "f32", "q8_0"),

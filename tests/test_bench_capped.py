@@ -243,3 +243,24 @@ def test_an_oom_killed_backend_is_reported_as_killed(tmp_path):
     assert plain.status == "ok" and plain.decode_tps > 0
     assert engine.status == "oom-killed" and engine.usage.oom_kills >= 1
     assert report.ratio(engine) is None and report.bound_tps(engine) is None
+
+
+def test_bench_predictor_reaches_every_managed_run(tmp_path, monkeypatch, capsys):
+    """bench --max-memory --predictor NAME: the managed runs prefetch with it (their RunSpecs and
+    labels say which); plain llama.cpp runs take none; without --max-memory it is refused."""
+    import edgemoe.bench.capped as capped
+    from edgemoe.cli import main
+    from edgemoe.demo import demo_gguf
+
+    seen = []
+    monkeypatch.setattr(capped, "check_cgroups", lambda root: None)
+    monkeypatch.setattr(capped, "run_capped", lambda models, opts, **kw: seen.append(opts) or [])
+    assert main(["bench", "--max-memory", "2GiB", "--predictor", "router", str(demo_gguf())]) == 0
+    (opts,) = seen
+    assert opts.prefetch and opts.predictor == "router" and opts.predictor_path is None
+    specs = {s.backend: s for s in capped.configurations(demo_gguf(), opts)}
+    for name in ("edgemoe", "llama-budget"):
+        assert specs[name].prefetch and specs[name].predictor == "router" and "+prefetch(router)" in specs[name].label
+    assert not specs["llama"].prefetch
+    assert main(["bench", "--predictor", "router", str(demo_gguf())]) == 2
+    assert "applies to the managed runs of --max-memory" in capsys.readouterr().err

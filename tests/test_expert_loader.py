@@ -144,3 +144,25 @@ def test_cancelled_background_read_skips_its_chunks(data_file):
         assert bytes(buf) == data[BLOCK_BYTES:9 * BLOCK_BYTES]
     finally:
         loader.close()
+
+
+def test_random_expert_bench_reads_the_demo_both_ways(capsys, monkeypatch):
+    """edgemoe.bench.loader_random (docs/BENCHMARKS.md): the loader and the raw reads each time
+    real bytes of the demo's experts and the CLI prints both beside the probe."""
+    import random
+    import sys
+
+    from edgemoe.bench import loader_random
+    from edgemoe.demo import demo_gguf
+    from edgemoe.expert_store import find_experts
+    from edgemoe.gguf_file import GGUFFile
+
+    path = str(demo_gguf())
+    specs = find_experts(GGUFFile(path))
+    picks = random.Random(0).sample(sorted(specs), 6)
+    assert loader_random.loader_bps(path, specs, picks, 2) > 0
+    assert loader_random.raw_bps(path, specs, picks, 2) > 0
+    monkeypatch.setattr(sys, "argv", ["loader_random", path, "--experts", "4"])
+    loader_random.main()
+    out = capsys.readouterr().out
+    assert out.startswith("probe ") and out.count("loader ") == 2 and "raw O_DIRECT" in out

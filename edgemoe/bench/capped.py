@@ -31,6 +31,7 @@ from edgemoe.bench.cgroup import CgroupUsage, MemoryCgroup
 from edgemoe.bench.pagecache import drop_file_cache
 from edgemoe.errors import InputError
 from edgemoe.policies import DEFAULT_POLICY
+from edgemoe.predictor.base import DEFAULT_PREDICTOR
 
 PROBE_STREAMS, PROBE_BLOCK_BYTES, PROBE_MAX_S = 4, 8 * 2**20, 3.0
 # which configurations `--runs` names; plain llama.cpp ones are the baseline the ratio is taken against
@@ -53,6 +54,8 @@ class CappedOptions:
     budget_bytes: int | None = None    # managed runs; None: each the largest its memory plan fits under the cap
     policy: str = DEFAULT_POLICY
     prefetch: bool = False
+    predictor: str = DEFAULT_PREDICTOR  # with prefetch (RunSpec.predictor)
+    predictor_path: str | None = None
     reference: bool = True             # measure compute per token on a warm, uncapped run
     cgroup_root: Path | None = None    # where groups are made (default: below this process's own cgroup)
     run_timeout_s: float = 3600.0
@@ -182,9 +185,10 @@ def configurations(model: Path, opts: CappedOptions) -> list[RunSpec]:
             p = PLAIN_LLAMA[name]
             out.append(replace(base, label=p["label"], repack=p["repack"], lazy=p["lazy"]))
         else:  # without --budget each picks its own under the cap, in its own process
-            label = f"{MANAGED[name]} {opts.policy}{'+prefetch' if opts.prefetch else ''}"
+            label = f"{MANAGED[name]} {opts.policy}{f'+prefetch({opts.predictor})' if opts.prefetch else ''}"
             out.append(replace(base, label=label, backend=name, budget_bytes=opts.budget_bytes, cap_bytes=opts.cap_bytes,
-                               policy=opts.policy, prefetch=opts.prefetch))
+                               policy=opts.policy, prefetch=opts.prefetch, predictor=opts.predictor,
+                               predictor_path=opts.predictor_path))
     return out
 
 

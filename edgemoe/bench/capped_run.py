@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from edgemoe.policies import DEFAULT_POLICY
+from edgemoe.predictor.base import DEFAULT_PREDICTOR
 
 BACKENDS = ("llama", "edgemoe", "llama-budget")
 
@@ -39,6 +40,8 @@ class RunSpec:
     cap_bytes: int | None = None     # the cgroup's cap, which picks the budget as `generate --max-memory` does
     policy: str = DEFAULT_POLICY
     prefetch: bool = False
+    predictor: str = DEFAULT_PREDICTOR   # with prefetch: none | router | prior | cooccur | learned
+    predictor_path: str | None = None    # the learned predictor's .onnx
 
 
 @dataclass(frozen=True)
@@ -125,11 +128,13 @@ def _open(spec: RunSpec):
         from edgemoe.llama_budget import BudgetedConfig, BudgetedLlama
 
         return BudgetedLlama(spec.model, BudgetedConfig(budget_bytes=spec.budget_bytes, policy=spec.policy,
-                                                        prefetch=spec.prefetch, n_ctx=spec.n_ctx,
+                                                        prefetch=spec.prefetch, predictor=spec.predictor,
+                                                        predictor_path=spec.predictor_path, n_ctx=spec.n_ctx,
                                                         n_threads=spec.n_threads))
     from edgemoe.engine import Engine, EngineConfig
 
     return Engine(spec.model, EngineConfig(budget_bytes=spec.budget_bytes, policy=spec.policy, prefetch=spec.prefetch,
+                                           predictor=spec.predictor, predictor_path=spec.predictor_path,
                                            n_threads=spec.n_threads, n_ctx=spec.n_ctx))
 
 

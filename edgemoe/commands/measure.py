@@ -20,6 +20,9 @@ def bench_cmd(args: argparse.Namespace) -> int:
 
     if args.max_memory is not None:
         return capped_bench_cmd(args)
+    if getattr(args, "predictor", None) is not None:
+        raise InputError("bench --predictor applies to the managed runs of --max-memory; "
+                         "without a cap, --prefetch uses the default predictor")
     models = list(args.models)
     if not models:
         from edgemoe.demo import demo_gguf
@@ -73,7 +76,9 @@ def capped_bench_cmd(args: argparse.Namespace) -> int:
     from edgemoe.bench.capped import CappedOptions, check_cgroups, parse_runs, run_capped
     from edgemoe.bench.capped_report import model_header, report_dict, result_line, results_table
     from edgemoe.bench.cgroup import CgroupError
+    from edgemoe.commands.common import predictor_choice
     from edgemoe.memory import parse_bytes
+    from edgemoe.predictor.base import DEFAULT_PREDICTOR
 
     try:
         check_cgroups(args.cgroup_root)
@@ -87,16 +92,19 @@ def capped_bench_cmd(args: argparse.Namespace) -> int:
         from edgemoe.models.qwen3_slice import DEFAULT_LAYERS, write_qwen3_slice
         models = [_slice(write_mixtral_slice, "mixtral", args.slice_layers or 8),
                   _slice(write_qwen3_slice, "qwen3", DEFAULT_LAYERS)]
+    predictor, predictor_path = predictor_choice(args.predictor)
     opts = CappedOptions(cap, _bench_prompt(args.prompt_tokens), args.tokens, args.threads or os.cpu_count() or 1,
                          args.prompt_tokens * 4 + args.tokens + 8, runs, budget_bytes=budget,
-                         policy=args.policy, prefetch=args.prefetch, reference=not args.no_reference,
-                         cgroup_root=args.cgroup_root)
+                         policy=args.policy, prefetch=args.prefetch or predictor is not None,
+                         predictor=predictor or DEFAULT_PREDICTOR, predictor_path=predictor_path,
+                         reference=not args.no_reference, cgroup_root=args.cgroup_root)
     console = Console(width=260)  # 18 columns
     reports = run_capped([Path(m) for m in models], opts,
                          on_model=lambda rep: console.print(model_header(rep, cap), highlight=False),
                          on_result=lambda rep, r: console.print(result_line(rep, r), highlight=False))
     console.print(f"threads={opts.n_threads} decode tokens={args.tokens} prompt tokens~{args.prompt_tokens} "
-                  f"policy={args.policy} prefetch={args.prefetch} cap={cap / 2**20:.0f} MiB")
+                  f"policy={args.policy} prefetch={opts.prefetch} predictor={opts.predictor if opts.prefetch else '-'} "
+                  f"cap={cap / 2**20:.0f} MiB")
     for rep in reports:
         console.print(model_header(rep, cap), highlight=False)
         console.print(results_table(rep))
