@@ -58,22 +58,25 @@ EXPERT_TENSORS = rb"blk\.\d+\.ffn_(gate|up|down|gate_up)_exps"  # what llama.cpp
 def load_params(gpu_layers: int, expert_overrides: bool, default_layout: bool = False) -> tuple[dict, dict, object]:
     """(model params, context params, what must stay alive while loading). Slots layout (CPU):
     mmap, no repack, no lazy reads. Default layout: llama.cpp's defaults (nothing set). GPU, both
-    layouts: also dense layers on the device and expert tensors in CPU memory (tensor buffer
-    overrides, llama.cpp's --cpu-moe pattern). The slots layout also turns op offload off (it
-    would copy every expert to the device for big batches); the default layout keeps llama.cpp's
-    default for it, as llama.cpp's own --cpu-moe runs. UNTESTED on a GPU: no GPU was available
-    where this was written."""
+    layouts: dense layers on the device (n_gpu_layers), and with `expert_overrides` the expert
+    tensors in CPU memory (tensor buffer overrides, llama.cpp's --cpu-moe pattern). The slots
+    layout also turns op offload off (it would copy every expert to the device for big batches);
+    the default layout keeps llama.cpp's default for it, as llama.cpp's own --cpu-moe runs.
+    UNTESTED on a GPU: no GPU was available where this was written."""
     model = {} if default_layout else dict(use_extra_bufts=False, lazy_mode=LLAMA_LAZY_MODE_OFF)
+    if gpu_layers:
+        model["n_gpu_layers"] = gpu_layers
+    context = dict(op_offload=False) if gpu_layers and not default_layout else {}
     if not expert_overrides:
-        return model, {}, None
+        return model, context, None
     from edgemoe.native.lib import ggml_base
 
     lib = ggml_base()
     lib.ggml_backend_cpu_buffer_type.restype = ctypes.c_void_p
     overrides = (_OverrideEntry * 2)(_OverrideEntry(EXPERT_TENSORS, lib.ggml_backend_cpu_buffer_type()),
                                      _OverrideEntry(None, None))
-    model.update(n_gpu_layers=gpu_layers, tensor_buft_overrides=ctypes.addressof(overrides))
-    return model, dict(op_offload=False) if gpu_layers and not default_layout else {}, overrides
+    model["tensor_buft_overrides"] = ctypes.addressof(overrides)
+    return model, context, overrides
 
 
 def find_llama_mapping(path, before: list[Mapping], runs: list[tuple[int, int]]) -> Mapping:

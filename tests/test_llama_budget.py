@@ -142,6 +142,21 @@ def test_gpu_layers_on_a_cpu_build_are_refused(demo):
         BudgetedLlama(demo[0], BudgetedConfig(budget_bytes=_expert_total(demo[0]), gpu_layers=99))
 
 
+def test_load_params_offload_dense_layers_with_or_without_expert_overrides():
+    """n_gpu_layers is set whenever GPU layers are asked for, tensor buffer overrides only with
+    expert_overrides (both layouts); the CPU-only slots layout sets neither."""
+    from edgemoe.llama_load import load_params
+
+    model, context, keep = load_params(0, False)
+    assert model == dict(use_extra_bufts=False, lazy_mode=0) and context == {} and keep is None
+    model, context, keep = load_params(8, False)
+    assert model["n_gpu_layers"] == 8 and "tensor_buft_overrides" not in model and keep is None
+    assert context == dict(op_offload=False)
+    model, context, keep = load_params(8, True, default_layout=True)
+    assert model["n_gpu_layers"] == 8 and model["tensor_buft_overrides"] and keep is not None
+    assert "use_extra_bufts" not in model and context == {}
+
+
 def test_expert_buffer_overrides_keep_experts_in_the_mapping(demo):
     """The GPU path's tensor_buft_overrides (experts in CPU memory, as --cpu-moe), exercised on
     the CPU build: llama.cpp still computes on its mapping and the tokens do not change."""
