@@ -395,8 +395,18 @@ class BudgetedLlama:
                    f"{self.path.name} without llama.cpp's CPU repack (slots layout); the next prompt is prefilled whole")
         log.warning(message)
         self.warnings.append(message)
+        before = self.cache.budget_bytes
         self.close()
-        self._open(False, budget_bytes)
+        try:
+            self._open(False, budget_bytes)
+        except Exception as exc:
+            # the chat must not be left without a model: load it again as it was, then say why
+            self._open(True, before)
+            message = (f"expert budget {mib(budget_bytes)} was not applied: reloading {self.path.name} in the slots "
+                       f"layout failed ({exc}); it is open again as before, every expert resident ({mib(before)})")
+            log.warning(message)
+            self.warnings.append(message)
+            raise BudgetError(message) from exc
 
     def set_policy(self, name: str) -> None:
         self.cache.set_policy(make_policy(name, seed=self.config.seed))

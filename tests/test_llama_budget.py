@@ -251,6 +251,30 @@ def test_full_budget_runs_the_default_layout_and_counts_every_expert_a_hit(demo)
         rt.close()
 
 
+def test_a_failed_reopen_in_slots_leaves_the_model_open_as_before(demo, monkeypatch):
+    """Lowering the budget below every expert reloads in the slots layout; when that load fails
+    the runtime loads the default layout again at the old budget (the chat keeps a model), and
+    the error says so."""
+    path, expected = demo
+    full = budget_range(path)[1]
+    rt = BudgetedLlama(path, BudgetedConfig(budget_bytes=full, n_ctx=256))
+    try:
+        assert rt.layout == "default"
+        load = BudgetedLlama._load
+
+        def failing(self, default, budget_bytes):
+            if not default:
+                raise OSError(errno.ENOMEM, "Cannot allocate memory")
+            return load(self, default, budget_bytes)
+        monkeypatch.setattr(BudgetedLlama, "_load", failing)
+        with pytest.raises(BudgetError, match=r"was not applied.*Cannot allocate memory.*open again as before"):
+            rt.set_budget(full // 2)
+        assert rt.layout == "default" and rt.cache.budget_bytes == full and "open again" in rt.warnings[-1]
+        assert [e.token for e in rt.stream_generate(PROMPT, N_TOKENS)] == expected
+    finally:
+        rt.close()
+
+
 def _last_logits(llm, prompt: str):
     import llama_cpp
     import numpy as np
