@@ -11,7 +11,7 @@ import ctypes
 import os
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from edgemoe.errors import InputError
 from edgemoe.events import CacheStats, StepEvent
@@ -76,9 +76,11 @@ class RoutingTap:
 
 def open_llama(path: Path, n_ctx: int = 512, seed: int = 0, logits_all: bool = False, f32_kv: bool = False,
                routing: RoutingTap | None = None, n_threads: int | None = None, model_params: dict | None = None,
-               context_params: dict | None = None):
+               context_params: dict | None = None, on_progress: Callable[[int, int], None] | None = None):
     """model_params / context_params: llama_model_params / llama_context_params fields to set
-    beyond what Llama() sets (the budgeted mode's use_extra_bufts=False, GPU buffer overrides)."""
+    beyond what Llama() sets (the budgeted mode's use_extra_bufts=False, GPU buffer overrides).
+    `on_progress(done, total)`: llama.cpp's load progress, as bytes of the file (its fraction
+    times the file's size), called on the loading thread."""
     from llama_cpp import Llama
     from llama_cpp import llama_cpp as low_level  # the module Llama() itself calls into
 
@@ -95,6 +97,14 @@ def open_llama(path: Path, n_ctx: int = 512, seed: int = 0, logits_all: bool = F
     # every core by default, as the engine (llama-cpp-python's own default decodes on half of them)
     n_threads = n_threads or os.cpu_count() or 1
     kv.update(n_threads=n_threads, n_threads_batch=n_threads)
+    model_params = dict(model_params or {})
+    if on_progress is not None:
+        size = Path(path).stat().st_size
+
+        def progress(fraction: float, _user) -> bool:
+            on_progress(int(fraction * size), size)
+            return True  # False would cancel the load
+        model_params["progress_callback"] = low_level.llama_progress_callback(progress)  # alive until Llama returns
     with _eval_callback(low_level, routing, context_params), _model_params(low_level, model_params):
         try:
             return Llama(str(path), n_ctx=n_ctx, seed=seed, logits_all=logits_all, verbose=False, **kv)

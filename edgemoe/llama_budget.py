@@ -29,7 +29,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterator
+from typing import Callable, Iterator
 
 from edgemoe.errors import InputError
 from edgemoe.events import CacheStats, StepEvent
@@ -193,10 +193,13 @@ class _Tap(RoutingTap):
 
 
 class BudgetedLlama:
-    def __init__(self, path: str | os.PathLike, config: BudgetedConfig):
+    def __init__(self, path: str | os.PathLike, config: BudgetedConfig,
+                 on_progress: Callable[[int, int], None] | None = None):
+        """`on_progress(done, total)`: llama.cpp's load of the file (open_llama's), at open and at
+        a reload in the slots layout."""
         check_api(config.gpu_layers)
         probe_dontunmap()
-        self.path, self.config = Path(path), config
+        self.path, self.config, self._on_progress = Path(path), config, on_progress
         self.file = GGUFFile(self.path)
         self.specs, self.dense_ranges, self.geometry = file_geometry(self.file)
         self.top_k = int(self.file.arch_field("expert_used_count", 1))
@@ -252,7 +255,8 @@ class BudgetedLlama:
         self.tap.routing_wanted = not default or self._observe_routing
         before = file_mappings(self.path)
         self.llm = open_llama(self.path, n_ctx=c.n_ctx, seed=c.seed, f32_kv=c.f32_kv, routing=self.tap,
-                              n_threads=c.n_threads, model_params=model_params, context_params=context_params)
+                              n_threads=c.n_threads, model_params=model_params, context_params=context_params,
+                              on_progress=self._on_progress)
         del keep  # llama.cpp copied the override list while loading
         self.threads = AttachedThreadpool(self.llm)
         policy = make_policy(c.policy, list(c.future) if c.future else None, seed=c.seed)

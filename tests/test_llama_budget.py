@@ -251,6 +251,21 @@ def test_full_budget_runs_the_default_layout_and_counts_every_expert_a_hit(demo)
         rt.close()
 
 
+def test_llama_load_progress_rises_to_the_file_size(demo):
+    """open_llama's and BudgetedLlama's on_progress: llama.cpp's load, as bytes of the file, rising
+    to its size (the bar `generate`/`chat`/`serve --backend llama` show on a terminal)."""
+    path, _ = demo
+    size = os.path.getsize(path)
+    seen = []
+    open_llama(path, n_ctx=64, on_progress=lambda done, total: seen.append((done, total))).close()
+    assert seen and all(total == size for _, total in seen) and seen[-1][0] == size
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    seen.clear()
+    BudgetedLlama(path, BudgetedConfig(budget_bytes=budget_range(path)[1], n_ctx=64),
+                  on_progress=lambda *a: seen.append(a)).close()
+    assert seen and seen[-1] == (size, size)
+
+
 def test_a_failed_reopen_in_slots_leaves_the_model_open_as_before(demo, monkeypatch):
     """Lowering the budget below every expert reloads in the slots layout; when that load fails
     the runtime loads the default layout again at the old budget (the chat keeps a model), and

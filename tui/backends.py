@@ -141,7 +141,7 @@ class LlamaChat(_OneStream):
     warnings: list[str] = []
 
     def __init__(self, path: Path, n_ctx: int = 512, seed: int = 0, n_threads: int | None = None,
-                 reuse_kv: bool = True, runtime=None):
+                 reuse_kv: bool = True, runtime=None, on_progress=None):
         from edgemoe.llama_backend import RoutingTap, open_llama
 
         super().__init__()
@@ -150,7 +150,8 @@ class LlamaChat(_OneStream):
         if runtime is None:
             self._tap = RoutingTap(int(model.arch_field("expert_used_count", 1)),
                                    int(model.arch_field("expert_count", 1)))
-            self._llm = open_llama(path, n_ctx=n_ctx, seed=seed, routing=self._tap, n_threads=n_threads)
+            self._llm = open_llama(path, n_ctx=n_ctx, seed=seed, routing=self._tap, n_threads=n_threads,
+                                   on_progress=on_progress)
         else:
             self.warnings = list(runtime.warnings)
             self.controls_cache, self.policy, self.prefetch = True, runtime.config.policy, runtime.config.prefetch
@@ -206,15 +207,16 @@ def open_backend(path: Path, backend: str, config, reuse_kv: bool = True,
     budget also its policy and prefetch settings: llama.cpp computes, our cache decides).
     `reuse_kv`: prefill only what a prompt adds to the last one (see EngineChat).
     `gpu_layers`: llama backend only, dense layers on the GPU (GPU builds of llama.cpp).
-    `on_progress(done, total)`: the engine's expert bytes read at open (Engine's)."""
+    `on_progress(done, total)`: bytes loaded at open, the engine's experts (Engine's) or llama.cpp's
+    file (open_llama's)."""
     if backend == "llama":
         runtime = None
         if config.budget_bytes is not None or gpu_layers:
             from edgemoe.llama_budget import BudgetedLlama, budgeted_config
 
-            runtime = BudgetedLlama(path, budgeted_config(config, gpu_layers))
+            runtime = BudgetedLlama(path, budgeted_config(config, gpu_layers), on_progress)
             runtime.observe_routing = True  # the chat's routing heatmap reads every step's
-        return LlamaChat(path, config.n_ctx, config.seed, config.n_threads, reuse_kv, runtime)
+        return LlamaChat(path, config.n_ctx, config.seed, config.n_threads, reuse_kv, runtime, on_progress)
     from edgemoe.engine import Engine
 
     return EngineChat(Engine(path, config, on_progress), reuse_kv)

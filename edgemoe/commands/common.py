@@ -111,15 +111,17 @@ def routing_tap(path):
 
 
 @contextlib.contextmanager
-def load_progress():
-    """A progress bar on stderr for the experts the engine reads at open when the budget holds
-    them all (~10 s for a 5 GiB slice here); yields `Engine(..., on_progress=)`'s callback. Only on
-    a terminal: piped stderr (scripts, tests) gets nothing, and the bar is gone once loaded."""
+def load_progress(backend: str = "edgemoe"):
+    """A progress bar on stderr for what a backend reads at open: the experts the engine loads
+    when the budget holds them all (~10 s for a 5 GiB slice here), llama.cpp's load of the file
+    (`backend="llama"`); yields the `on_progress(done, total)` callback both take. Only on a
+    terminal: piped stderr (scripts, tests) gets nothing, and the bar is gone once loaded."""
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
+    what = "loading experts" if backend == "edgemoe" else "loading model"
     console = Console(stderr=True)
-    with Progress(TextColumn("loading experts"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+    with Progress(TextColumn(what), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                   console=console, transient=True, disable=not console.is_terminal) as bar:
-        task = bar.add_task("loading experts", total=None)
+        task = bar.add_task(what, total=None)
         yield lambda done, total: bar.update(task, completed=done, total=total)

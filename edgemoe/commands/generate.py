@@ -17,7 +17,8 @@ def generate_cmd(args: argparse.Namespace) -> int:
     if args.backend == "llama":
         from edgemoe.llama_budget import BudgetedLlama, budgeted_config
 
-        runtime, label = BudgetedLlama(path, budgeted_config(config, gpu_layers)), "llama + edgemoe cache"
+        with load_progress("llama") as on_progress:
+            runtime, label = BudgetedLlama(path, budgeted_config(config, gpu_layers), on_progress), "llama + edgemoe cache"
         events = runtime.stream_generate(args.prompt, args.max_tokens, args.temperature)
     else:
         if gpu_layers:
@@ -68,7 +69,9 @@ def _generate_llama(args: argparse.Namespace, path) -> int:
     from edgemoe.llama_backend import open_llama, stream_generate
 
     tap = routing_tap(path) if args.stats else None
-    llm = open_llama(path, seed=args.seed, n_ctx=args.ctx, routing=tap, n_threads=args.threads)
+    with load_progress("llama") as on_progress:
+        llm = open_llama(path, seed=args.seed, n_ctx=args.ctx, routing=tap, n_threads=args.threads,
+                         on_progress=on_progress)
     sys.stdout.write(args.prompt)
     last = None
     for event in stream_generate(llm, args.prompt, args.max_tokens, args.temperature, routing=tap):
@@ -92,7 +95,7 @@ def chat_cmd(args: argparse.Namespace) -> int:
     gpu_layers = getattr(args, "gpu_layers", 0)
     if gpu_layers and args.backend != "llama":
         raise InputError("--gpu-layers is for --backend llama (llama.cpp's GPU builds)")
-    with load_progress() as on_progress:
+    with load_progress(args.backend) as on_progress:
         backend = open_backend(path, args.backend, engine_config(args, path), gpu_layers=gpu_layers,
                                on_progress=on_progress)
     run_chat(backend, sampling)

@@ -27,7 +27,7 @@ def serve_cmd(args: argparse.Namespace) -> int:
         print(f"edgemoe serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
               "port can use the model", file=sys.stderr)
     path = model_path(args.model)
-    with load_progress() as on_progress:
+    with load_progress(args.backend) as on_progress:
         backend = open_backend(path, args.backend, engine_config(args, path),
                                gpu_layers=getattr(args, "gpu_layers", 0), on_progress=on_progress)
     try:
