@@ -120,14 +120,14 @@ def layer_options(experts: dict[Key, ExpertSource], calib: Calibration,
         by_layer[key[0]].append(key)
     options = {}
     for layer, keys in by_layer.items():
+        actual = {t: tuple(experts[k].types(t) for k in keys) for t in _measured(calib, types)}
+        size = {t: sum(experts[k].nbytes(written) for k, written in zip(keys, actual[t])) for t in actual}
         seen, opts = set(), []
-        for qtype in sorted(_measured(calib, types), key=lambda t: sum(experts[k].nbytes(experts[k].types(t)) for k in keys)):
-            actual = tuple(experts[k].types(qtype) for k in keys)
-            if actual in seen:
+        for qtype in sorted(actual, key=size.__getitem__):
+            if actual[qtype] in seen:
                 continue
-            seen.add(actual)
-            opts.append(Option(qtype, sum(experts[k].nbytes(experts[k].types(qtype)) for k in keys),
-                               sum(calib.experts[k].cost(qtype) for k in keys)))
+            seen.add(actual[qtype])
+            opts.append(Option(qtype, size[qtype], sum(calib.experts[k].cost(qtype) for k in keys)))
         options[layer] = opts
     return options
 
@@ -136,13 +136,17 @@ def allocate_types(experts: dict[Key, ExpertSource], calib: Calibration, budget:
                    exact: bool | None = None, types: tuple[QT, ...] | None = None) -> Allocation:
     """Types among `types` (default: the calibration's) within `budget` bytes at granularity `per`
     ("expert" or "layer"); the choice is per expert either way (a layer's copied to its experts)."""
+    check_granularity(per)
     if per == "expert":
         return allocate(expert_options(experts, calib, types), budget, exact)
-    if per != "layer":
-        raise ConvertError(f"unknown granularity {per!r}; choose one of {', '.join(GRANULARITIES)}")
     by_layer = allocate(layer_options(experts, calib, types), budget, exact)
     choice = {key: by_layer.choice[key[0]] for key in sorted(experts)}
     return Allocation(choice, by_layer.total_bytes, by_layer.objective, by_layer.lower_bound, f"{by_layer.method}, per layer")
+
+
+def check_granularity(per: str) -> None:
+    if per not in GRANULARITIES:
+        raise ConvertError(f"unknown granularity {per!r}; choose one of {', '.join(GRANULARITIES)}")
 
 
 def parse_candidate_types(text: str | None) -> tuple[QT, ...]:
@@ -186,8 +190,7 @@ def convert_mixed(hf_dir: str | Path, out_path: str | Path, expert_bytes: str | 
     out = Path(out_path)
     check_output_path(out)
     parse_output_type(dense_type)
-    if per not in GRANULARITIES:
-        raise ConvertError(f"unknown granularity {per!r}; choose one of {', '.join(GRANULARITIES)}")
+    check_granularity(per)  # before calibrating
     conv = converter_for(HFCheckpoint(hf_dir))
     _, experts = split_plan(conv.plan())
     if not experts:

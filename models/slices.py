@@ -130,6 +130,7 @@ def slice_main(spec_for: Callable[[int, int], SliceSpec], doc: str, default_laye
     [--mixed-types TYPES] [--mixed-per expert|layer]]`."""
     import argparse
 
+    from edgemoe.converters.mixed import GRANULARITIES, parse_candidate_types
     from edgemoe.models.mixed_slice import Q3_K_BITS, write_mixed_slice
 
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
@@ -144,14 +145,12 @@ def slice_main(spec_for: Callable[[int, int], SliceSpec], doc: str, default_laye
     p.add_argument("--mixed-types", default=None, metavar="TYPES",
                    help="with --mixed-bits: expert types to choose from, as `edgemoe convert --mixed-types` "
                         "(default q2_k..q8_0; 'repacked': those this machine's CPU backend repacks)")
-    p.add_argument("--mixed-per", choices=["expert", "layer"], default="expert",
+    p.add_argument("--mixed-per", choices=GRANULARITIES, default="expert",
                    help="with --mixed-bits: a type per expert (default) or one per layer, as `edgemoe convert --mixed-per`")
     a = p.parse_args()
     spec = spec_for(a.layers, a.seed)
     if a.mixed_bits is None:
         print(write_slice(a.output, spec, a.type))
     else:
-        from edgemoe.converters.mixed import parse_candidate_types
-
         print(write_mixed_slice(a.output, spec, a.mixed_bits, a.type, types=parse_candidate_types(a.mixed_types),
                                 per=a.mixed_per).summary())

@@ -54,7 +54,6 @@ def read_prompts(path: Path) -> list[str]:
 def engine_config(args: argparse.Namespace, path) -> "EngineConfig":
     """--budget/--policy/--trace/--prefetch/--threads/--ctx -> EngineConfig."""
     from edgemoe.engine import EngineConfig
-    from edgemoe.predictor.base import DEFAULT_PREDICTOR
     from edgemoe.memory import parse_budget
 
     budget = None
@@ -68,14 +67,14 @@ def engine_config(args: argparse.Namespace, path) -> "EngineConfig":
             raise InputError("--policy belady needs --trace TRACE (the future accesses); record one with `edgemoe trace`")
         from edgemoe.trace import Trace
         future = tuple(Trace.load(args.trace).demand_sequence())
-    predictor, predictor_path = predictor_choice(getattr(args, "predictor", None))
-    return EngineConfig(budget_bytes=budget, policy=args.policy, prefetch=args.prefetch or predictor is not None,
+    prefetch, predictor, predictor_path = prefetch_choice(args)
+    return EngineConfig(budget_bytes=budget, policy=args.policy, prefetch=prefetch,
                         n_threads=args.threads, n_ctx=args.ctx, seed=getattr(args, "seed", 0), future=future,
                         kv_type=getattr(args, "kv_type", "f16"),
                         dual_low_type=getattr(args, "dual_low", None),
                         dual_load_above=getattr(args, "dual_load_above", 0.5),
                         dual_background_load=getattr(args, "dual_background_load", False),
-                        predictor=predictor or DEFAULT_PREDICTOR, predictor_path=predictor_path)
+                        predictor=predictor, predictor_path=predictor_path)
 
 
 def budget_under_cap(args: argparse.Namespace, path, cap: str) -> int:
@@ -94,13 +93,15 @@ def budget_under_cap(args: argparse.Namespace, path, cap: str) -> int:
     return budget
 
 
-def predictor_choice(value) -> tuple[str | None, str | None]:
-    """--predictor NAME|FILE -> (EngineConfig.predictor, predictor_path); (None, None) if not given."""
-    from edgemoe.predictor.base import PREDICTORS
+def prefetch_choice(args: argparse.Namespace) -> tuple[bool, str, str | None]:
+    """--prefetch / --predictor NAME|FILE -> (EngineConfig.prefetch, .predictor, .predictor_path):
+    a given predictor implies --prefetch (a FILE is the learned one); without one, the default."""
+    from edgemoe.predictor.base import DEFAULT_PREDICTOR, PREDICTORS
 
+    value = getattr(args, "predictor", None)
     if value is None:
-        return None, None
-    return (str(value), None) if str(value) in PREDICTORS else ("learned", str(value))
+        return args.prefetch, DEFAULT_PREDICTOR, None
+    return (True, str(value), None) if str(value) in PREDICTORS else (True, "learned", str(value))
 
 
 def routing_tap(path):

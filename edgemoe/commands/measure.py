@@ -76,9 +76,8 @@ def capped_bench_cmd(args: argparse.Namespace) -> int:
     from edgemoe.bench.capped import CappedOptions, check_cgroups, parse_runs, run_capped
     from edgemoe.bench.capped_report import model_header, report_dict, result_line, results_table
     from edgemoe.bench.cgroup import CgroupError
-    from edgemoe.commands.common import predictor_choice
+    from edgemoe.commands.common import prefetch_choice
     from edgemoe.memory import parse_bytes
-    from edgemoe.predictor.base import DEFAULT_PREDICTOR
 
     try:
         check_cgroups(args.cgroup_root)
@@ -92,11 +91,10 @@ def capped_bench_cmd(args: argparse.Namespace) -> int:
         from edgemoe.models.qwen3_slice import DEFAULT_LAYERS, write_qwen3_slice
         models = [_slice(write_mixtral_slice, "mixtral", args.slice_layers or 8),
                   _slice(write_qwen3_slice, "qwen3", DEFAULT_LAYERS)]
-    predictor, predictor_path = predictor_choice(args.predictor)
+    prefetch, predictor, predictor_path = prefetch_choice(args)
     opts = CappedOptions(cap, _bench_prompt(args.prompt_tokens), args.tokens, args.threads or os.cpu_count() or 1,
                          args.prompt_tokens * 4 + args.tokens + 8, runs, budget_bytes=budget,
-                         policy=args.policy, prefetch=args.prefetch or predictor is not None,
-                         predictor=predictor or DEFAULT_PREDICTOR, predictor_path=predictor_path,
+                         policy=args.policy, prefetch=prefetch, predictor=predictor, predictor_path=predictor_path,
                          reference=not args.no_reference, cgroup_root=args.cgroup_root)
     console = Console(width=260)  # 18 columns
     reports = run_capped([Path(m) for m in models], opts,
