@@ -12,8 +12,13 @@ Two kinds of memory hold frames:
   staging buffer and repacked into its frame by ggml_backend_tensor_set.
 Frames of evicted experts go to a free list and keep their pages for the next load of the same
 layout (no page faults on a miss); the committed bytes of all arenas stay within `limit_bytes`
-(the expert budget): a load that needs a new frame first gives back the pages of free frames
-(MADV_DONTNEED), so resident memory never exceeds what the cache's budget counts. A frame is
+(the expert budget), so resident memory never exceeds what the cache's budget counts. A load
+that needs a new frame over the limit takes free frames of other layouts: between mapped arenas
+their pages move into the new frame (mremap, nothing copied, faulted or zeroed), otherwise they
+are given back (MADV_DONTNEED) and the new frame faults fresh pages. Why the move: a per-layer
+mixed Qwen3 slice under a 3 GiB cap gave back and faulted ~8 MiB per token, 2,097 minor faults
+against 60 on its stock file, and its fresh 4 KiB pages took the loader's O_DIRECT reads at
+1.4 GB/s against 2.0-2.6 into the huge pages moved frames keep (docs/BENCHMARKS.md). A frame is
 `ExpertSpec.alloc_bytes` (page-rounded): what the budget counts per expert.
 
 These are the CPU backend's arenas; a device backend would need device buffers and is not built.
@@ -25,7 +30,8 @@ import threading
 
 import numpy as np
 
-from edgemoe.dma_buffers import aligned_anonymous
+from edgemoe import llama_pages as pages
+from edgemoe.dma_buffers import address_of, aligned_anonymous
 from edgemoe.expert_store import PAGE_BYTES, ExpertSpec, ResidentExpert
 from edgemoe.native import repack
 from edgemoe.native.buffers import HostTensors
@@ -56,9 +62,15 @@ class _Mapped:
         self.array = np.frombuffer(self.memory, dtype=np.uint8, count=size, offset=self.start)
         self.host = HostTensors(self.array.ctypes.data, size, max_tensors, what)
         self.ops, self.lib, self.place = self.host.ops, self.host.lib, self.host.place
+        self.address = address_of(self.memory) + self.start
 
     def release(self, offset: int, nbytes: int) -> None:
         self.memory.madvise(mmap.MADV_DONTNEED, self.start + offset, nbytes)
+
+    def move(self, offset: int, nbytes: int, to: "_Mapped", to_offset: int) -> None:
+        """Move the pages of [offset, offset+nbytes) to `to` at to_offset (what was there is
+        replaced; here an empty mapping stays). Raises OSError where mremap cannot."""
+        pages.move(self.address + offset, nbytes, to.address + to_offset)
 
     def close(self) -> None:
         self.host.close()
@@ -169,6 +181,8 @@ class ExpertArenas:
         self.arenas: dict[tuple, list[Arena]] = {sig: [] for sig in self.counts}
         self.by_index: list[Arena] = []
         self.committed_bytes = 0
+        self.moved_bytes = 0    # pages moved from free frames of one layout into new frames of another
+        self.can_move = True    # cleared by the first failed mremap (an old kernel, the map count reached)
         self.lock = threading.Lock()
         for sig in self.counts:
             self._grow(sig)
@@ -197,19 +211,40 @@ class ExpertArenas:
                 if arena.free:
                     return ArenaExpert(arena, arena.free.pop(), spec, self)
             arena = next((a for a in chunks if a.released), None) or self._grow(sig)
-            self._make_room(arena.frame_bytes)
+            i = arena.released.pop()
+            self._make_room(arena.frame_bytes, into=(arena, i))
             self.committed_bytes += arena.frame_bytes
-            return ArenaExpert(arena, arena.released.pop(), spec, self)
+            return ArenaExpert(arena, i, spec, self)
 
-    def _make_room(self, nbytes: int) -> None:
+    def _make_room(self, nbytes: int, into: tuple[Arena, int] | None = None) -> None:
+        """Take free frames until `nbytes` more fit the limit; with `into` (an arena and a frame
+        with no pages) their pages move into that frame where both arenas are mapped."""
         if self.limit_bytes is None:
             return
+        filled = 0
         for other in self.by_index:
             while other.free and self.committed_bytes + nbytes > self.limit_bytes:
                 i = other.free.pop()
-                other.release_pages(i)
+                moved = 0
+                if into is not None and filled < nbytes:
+                    moved = self._move(other, i, *into, filled, min(other.frame_bytes, nbytes - filled))
+                    filled += moved
+                if moved < other.frame_bytes:  # the rest of the frame (all of it, where nothing moved)
+                    other.memory.release(i * other.frame_bytes + moved, other.frame_bytes - moved)
                 other.released.append(i)
                 self.committed_bytes -= other.frame_bytes
+
+    def _move(self, src: Arena, i: int, dst: Arena, j: int, at: int, nbytes: int) -> int:
+        """Move the first `nbytes` of frame i of src into frame j of dst at `at`; the bytes moved."""
+        if not self.can_move or src.repacked or dst.repacked:  # a repack buffer is ggml's memory, not ours to remap
+            return 0
+        try:
+            src.memory.move(i * src.frame_bytes, nbytes, dst.memory, j * dst.frame_bytes + at)
+        except OSError:  # ENOMEM past vm.max_map_count, EINVAL before Linux 5.7: give pages back from now on
+            self.can_move = False
+            return 0
+        self.moved_bytes += nbytes
+        return nbytes
 
     def free(self, expert: ArenaExpert) -> None:
         with self.lock:

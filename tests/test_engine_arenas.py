@@ -1,13 +1,15 @@
 """Expert arenas (edgemoe/arenas.py): the memory they commit stays within the budget as it
-changes, repacked arenas grow when the budget does, and none of it changes a token."""
+changes, repacked arenas grow when the budget does, misses take the pages of other layouts' free
+frames, and none of it changes a token."""
 from __future__ import annotations
 
 import pytest
 from gguf import GGMLQuantizationType as QT
 
+from edgemoe import llama_pages as pages
 from edgemoe.converters.convert import convert
 from edgemoe.engine import Engine, EngineConfig
-from edgemoe.expert_store import find_experts
+from edgemoe.expert_store import PAGE_BYTES, find_experts
 from edgemoe.gguf_file import GGUFFile
 from edgemoe.native import repack
 from synthetic import write_mixtral
@@ -77,5 +79,50 @@ def test_prefetch_into_repacked_arenas_changes_no_token(models):
     try:
         assert _tokens(engine, 24) == want
         assert engine.cache.arenas.committed_bytes <= total // 3
+    finally:
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def mixed_file(tmp_path_factory):
+    """Per-expert mixed types: several layouts, frames of different sizes."""
+    import tiny_files
+
+    return tiny_files.mixed("mixtral", tmp_path_factory.mktemp("arenas-mixed"))
+
+
+def _resident_expert_bytes(arenas) -> int:
+    """Bytes of the mapped arenas' pages that are present (mincore), what the budget governs."""
+    total = 0
+    for arena in arenas.by_index:
+        size = -(-(arena.n_frames * arena.frame_bytes + PAGE_BYTES) // PAGE_BYTES) * PAGE_BYTES
+        total += sum(pages.resident_pages(arena.memory.address, size)) * PAGE_BYTES
+    return total
+
+
+@pytest.mark.parametrize("can_move", [True, False])
+def test_misses_take_the_pages_of_other_layouts_free_frames_within_the_budget(mixed_file, can_move, monkeypatch):
+    """A miss over the limit moves a free frame's pages of another layout into its own (mremap);
+    where moving fails it gives them back instead. Either way: same tokens, and the pages present
+    in the arenas (mincore) stay within the budget after every token."""
+    full = Engine(mixed_file, EngineConfig(n_threads=1))
+    want, total = _tokens(full, 24), full.expert_bytes_total
+    full.close()
+    budget = total // 3
+    engine = Engine(mixed_file, EngineConfig(n_threads=1, budget_bytes=budget))
+    try:
+        arenas = engine.cache.arenas
+        assert len(arenas.by_index) > 1 and not any(a.repacked for a in arenas.by_index)
+        if not can_move:  # what an old kernel, or vm.max_map_count reached, does: mremap fails
+            def refuse(*_):
+                raise OSError(12, "mremap: Cannot allocate memory")
+            monkeypatch.setattr(pages, "move", refuse)
+        got = []
+        for event in engine.stream_generate(PROMPT, 24, stop_at_eos=False):
+            got.append(event.token)
+            assert arenas.committed_bytes <= budget
+            assert _resident_expert_bytes(arenas) <= budget
+        assert got == want
+        assert (arenas.moved_bytes > 0) == can_move and arenas.can_move == can_move
     finally:
         engine.close()
