@@ -1,5 +1,5 @@
-"""Page-level memory calls the budgeted llama.cpp runtime needs (libc through ctypes), and where
-llama.cpp mapped the model file (/proc/self/maps).
+"""Page-level memory calls the budgeted llama.cpp runtime needs, and the engine's arenas (`move`)
+too (libc through ctypes), and where llama.cpp mapped the model file (/proc/self/maps).
 
 Every address and size is checked for page alignment in Python before the call: the kernel
 would answer EINVAL, but a wrong MAP_FIXED or MREMAP_FIXED address silently replaces whatever
