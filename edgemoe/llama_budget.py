@@ -213,7 +213,9 @@ class BudgetedLlama:
         self.warnings: list[str] = []
         self._pinned: list[Key] = []
         self._streamed: list[Key] = []
-        self._lock = threading.Lock()  # a reopen (set_budget) never runs under a reply
+        # a reopen (set_budget) never runs under a reply, and close() waits for one in progress
+        # (re-entrant: the reopen closes the old load itself)
+        self._lock = threading.RLock()
         self._streaming = False
         self._observe_routing = False
         self._open(default_layout(config.full_layout, config.budget_bytes, self.full_bytes), config.budget_bytes)
@@ -384,11 +386,14 @@ class BudgetedLlama:
         every expert it stays in the slots layout, filled on demand: no second load for a resize."""
         self._check_budget(budget_bytes)
         with self._lock:
-            if self.layout == "default" and not default_layout(self.config.full_layout, budget_bytes,
-                                                                self.full_bytes):
+            if self.reloads_for(budget_bytes):
                 self._reopen_in_slots(budget_bytes)
                 return
         self.cache.set_budget(budget_bytes)
+
+    def reloads_for(self, budget_bytes: int) -> bool:
+        """Whether set_budget(budget_bytes) reloads the model (seconds: the chat runs it off its UI thread)."""
+        return self.layout == "default" and not default_layout(self.config.full_layout, budget_bytes, self.full_bytes)
 
     def _reopen_in_slots(self, budget_bytes: int) -> None:
         mib = lambda n: f"{n / 2**20:.2f} MiB"  # noqa: E731
@@ -436,6 +441,10 @@ class BudgetedLlama:
         return mapping_rss_bytes(m.start, m.end)[0]
 
     def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         self.ready = False
         if self.prefetcher is not None:
             self.prefetcher.close()

@@ -3,6 +3,7 @@ fixed reply and fixed statistics, for deterministic snapshots, and Pilot waiting
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 from edgemoe.events import CacheStats, StepEvent
@@ -28,8 +29,10 @@ class ScriptedChat:
     warnings: list[str] = []
 
     def __init__(self, reply: list[str], n_layers: int = 4, n_experts: int = 8, controls_cache: bool = True,
-                 fail_after: int | None = None, delay_s: float = 0.0):
-        self.reply, self.fail_after, self.delay_s = reply, fail_after, delay_s
+                 fail_after: int | None = None, delay_s: float = 0.0, reload_gate: threading.Event | None = None):
+        # reload_gate: every budget change reloads (as budgeted llama.cpp leaving its default
+        # layout) and takes until the gate is set
+        self.reply, self.fail_after, self.delay_s, self.reload_gate = reply, fail_after, delay_s, reload_gate
         self.controls_cache = controls_cache
         self.name = "edgemoe" if controls_cache else "llama"
         self.policy, self.prefetch = ("lru", False) if controls_cache else ("-", False)
@@ -67,8 +70,13 @@ class ScriptedChat:
             raise ValueError("no cache")
         if budget_bytes < EXPERT_BYTES:
             raise ValueError("below the largest expert")
+        if self.reload_gate is not None and not self.reload_gate.wait(timeout=30):
+            raise ValueError("scripted reload never finished")
         self.budget_bytes = budget_bytes
         return self.residency()
+
+    def budget_reloads(self, budget_bytes: int) -> bool:
+        return self.reload_gate is not None
 
     def set_policy(self, name: str) -> None:
         self.policy = name

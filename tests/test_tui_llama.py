@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pytest
-from test_tui_fakes import record_notifications, send, wait_reply
+from test_tui_fakes import record_notifications, send, wait_reply, wait_until
 
 from edgemoe.demo import demo_gguf
 from edgemoe.engine import Engine, EngineConfig
@@ -47,3 +47,52 @@ async def test_llama_backend_chat_and_stats(llama_chat, monkeypatch):
         await send(pilot, app, "The os module")  # a second turn: the whole document again
         await wait_reply(pilot, app)
         assert app.conversation.turns[-1].role == "assistant"
+
+
+async def test_a_budget_change_that_reloads_runs_off_the_ui_thread(monkeypatch):
+    """Budgeted llama.cpp at a full budget loads in llama.cpp's default layout; a lower budget
+    reloads the model (slots layout). The reload runs in a worker: the app answers meanwhile,
+    a second change is refused until it is done, and the next reply is plain llama.cpp's."""
+    import threading
+
+    from test_tui_fakes import ScriptedChat
+
+    gate = threading.Event()
+    scripted = ScriptedChat(["a "] * 4, reload_gate=gate)
+    app = create_app(scripted, Sampling(0.0, 1.0, 4))
+    shown = record_notifications(app, monkeypatch)
+    async with app.run_test(size=(80, 24)) as pilot:
+        before = app.stats.budget_bytes
+        assert app.set_budget(before // 2) and app.reloading
+        assert any("Reloading the model" in m for m in shown)
+        await pilot.press("f1")  # the UI thread is free while the reload waits
+        await pilot.pause()
+        assert type(app.screen).__name__ == "HelpScreen"
+        await pilot.press("escape")
+        assert not app.set_budget(before // 4) and any("still reloading" in m for m in shown)
+        gate.set()
+        await wait_until(pilot, lambda: not app.reloading)
+        assert app.stats.budget_bytes == scripted.budget_bytes == before // 2
+
+    from edgemoe.llama_budget import budget_range
+
+    full = budget_range(demo_gguf())[1]  # every expert, as the budgeted mode counts them
+    chat = open_backend(demo_gguf(), "llama", EngineConfig(n_ctx=512, budget_bytes=full))
+    try:
+        assert chat.runtime.layout == "default" and chat.budget_reloads(full // 2) and not chat.budget_reloads(full)
+        app = create_app(chat, Sampling(0.0, 1.0, 24))
+        record_notifications(app, monkeypatch)
+        async with app.run_test(size=(80, 24)) as pilot:
+            assert app.set_budget(full // 2) and app.reloading
+            await wait_until(pilot, lambda: not app.reloading)
+            assert chat.runtime.layout == "slots" and app.stats.budget_bytes == full // 2
+            assert not chat.budget_reloads(full // 4)  # resized in place from now on
+            await send(pilot, app, PROMPT)
+            await wait_reply(pilot, app)
+            engine = Engine(demo_gguf(), EngineConfig())
+            try:  # plain llama.cpp's greedy reply on the demo (the first test: the engine's)
+                assert app.conversation.turns[-1].content == "".join(e.text for e in engine.stream_generate(PROMPT, 24))
+            finally:
+                engine.close()
+    finally:
+        chat.close()

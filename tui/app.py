@@ -30,6 +30,7 @@ class ChatApp(App):
         self.stats: StatsSnapshot = self.tracker.snapshot()
         self.sub_title = f"{info.title} · {backend.name} backend"
         self.chat = ChatScreen()
+        self.reloading = False  # a budget change's model reload is running in a worker thread
 
     def get_default_screen(self) -> ChatScreen:
         return self.chat
@@ -65,10 +66,36 @@ class ChatApp(App):
 
     # ---- cache control (edgemoe backend) ------------------------------------------------------
     def set_budget(self, budget_bytes: int) -> bool:
+        """Change the expert budget; False where it was refused. A change that reloads the model
+        (budgeted llama.cpp leaving its default layout: seconds) runs in a worker thread, so the UI
+        stays live; a prompt sent meanwhile waits for the load (True: the reload started)."""
+        if self.reloading:
+            self.notify("The model is still reloading for the last budget change; try again when it is done.",
+                        title="budget unchanged", severity="warning")
+            return False
+        if not self.backend.budget_reloads(budget_bytes):
+            return self._budget_set(budget_bytes, *self._change_budget(budget_bytes))
+        self.reloading = True
+        self.notify(f"Reloading the model for an expert budget of {fmt_bytes(budget_bytes)} "
+                    "(llama.cpp's repacked load cannot give experts back); a prompt sent now waits for it.")
+
+        def reload() -> None:
+            result = self._change_budget(budget_bytes)
+            self.call_from_thread(self._budget_set, budget_bytes, *result)
+        self.run_worker(reload, thread=True, group="budget", name="budget reload")
+        return True
+
+    def _change_budget(self, budget_bytes: int):
+        """(residency, None) or (None, the error that refused it)."""
         try:
-            residency = self.backend.set_budget(budget_bytes)
-        except ValueError as exc:  # BudgetError included: say why, keep the old budget
-            self.notify(str(exc), title="budget unchanged", severity="error")
+            return self.backend.set_budget(budget_bytes), None
+        except ValueError as exc:  # BudgetError included
+            return None, exc
+
+    def _budget_set(self, budget_bytes: int, residency, error: Exception | None) -> bool:
+        self.reloading = False
+        if error is not None:  # say why; the old budget stands
+            self.notify(str(error), title="budget unchanged", severity="error")
             return False
         self.tracker.set_residency(residency)
         self.refresh_settings()

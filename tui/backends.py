@@ -110,6 +110,9 @@ class EngineChat(_OneStream):
         self.engine.cache.set_budget(budget_bytes)
         return self.engine.residency()
 
+    def budget_reloads(self, budget_bytes: int) -> bool:
+        return False  # the engine resizes its cache in place
+
     def set_policy(self, name: str) -> None:
         from edgemoe.policies import make_policy
 
@@ -187,6 +190,10 @@ class LlamaChat(_OneStream):
             raise InputError("stock llama.cpp keeps every expert mapped; start with --budget to give it a budget")
         self.runtime.set_budget(budget_bytes)
         return self.runtime.residency()
+
+    def budget_reloads(self, budget_bytes: int) -> bool:
+        """Whether set_budget reloads the model (the budgeted mode leaving llama.cpp's default layout)."""
+        return self.runtime is not None and self.runtime.reloads_for(budget_bytes)
 
     def set_policy(self, name: str) -> None:
         if self.runtime is None:
