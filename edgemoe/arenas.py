@@ -18,8 +18,12 @@ their pages move into the new frame (mremap, nothing copied, faulted or zeroed),
 are given back (MADV_DONTNEED) and the new frame faults fresh pages. Why the move: a per-layer
 mixed Qwen3 slice under a 3 GiB cap gave back and faulted ~8 MiB per token, 2,097 minor faults
 against 60 on its stock file, and its fresh 4 KiB pages took the loader's O_DIRECT reads at
-1.4 GB/s against 2.0-2.6 into the huge pages moved frames keep (docs/BENCHMARKS.md). A frame is
-`ExpertSpec.alloc_bytes` (page-rounded): what the budget counts per expert.
+1.4 GB/s against 2.0-2.6 into the huge pages moved frames keep (docs/BENCHMARKS.md). Only frames
+under MOVE_FRAME_BYTES move: a move between addresses that differ modulo 2 MiB splits the huge
+pages it touches, and on big frames that costs more than it saves (per-layer mixed Mixtral slice
+at a 2296 MiB budget: moving 57-99 MiB frames left 568 of 2,827 MiB in huge pages and 7,859 minor
+faults per token, against 2,256 MiB and 1,123 giving them back: a fault there fills a whole huge
+page). A frame is `ExpertSpec.alloc_bytes` (page-rounded): what the budget counts per expert.
 
 These are the CPU backend's arenas; a device backend would need device buffers and is not built.
 """
@@ -31,12 +35,15 @@ import threading
 import numpy as np
 
 from edgemoe import llama_pages as pages
-from edgemoe.dma_buffers import address_of, aligned_anonymous
+from edgemoe.dma_buffers import HUGE_PAGE, address_of, aligned_anonymous
 from edgemoe.expert_store import PAGE_BYTES, ExpertSpec, ResidentExpert
 from edgemoe.native import repack
 from edgemoe.native.buffers import HostTensors
 from edgemoe.native.ops import Tensor
 from edgemoe.policies import Key
+
+
+MOVE_FRAME_BYTES = 4 * HUGE_PAGE  # frames this big or bigger give their pages back instead of moving them
 
 
 def signature(spec: ExpertSpec) -> tuple:
@@ -237,6 +244,8 @@ class ExpertArenas:
     def _move(self, src: Arena, i: int, dst: Arena, j: int, at: int, nbytes: int) -> int:
         """Move the first `nbytes` of frame i of src into frame j of dst at `at`; the bytes moved."""
         if not self.can_move or src.repacked or dst.repacked:  # a repack buffer is ggml's memory, not ours to remap
+            return 0
+        if max(src.frame_bytes, dst.frame_bytes) >= MOVE_FRAME_BYTES:  # keep big frames' huge pages whole
             return 0
         try:
             src.memory.move(i * src.frame_bytes, nbytes, dst.memory, j * dst.frame_bytes + at)

@@ -100,11 +100,14 @@ def _resident_expert_bytes(arenas) -> int:
     return total
 
 
-@pytest.mark.parametrize("can_move", [True, False])
-def test_misses_take_the_pages_of_other_layouts_free_frames_within_the_budget(mixed_file, can_move, monkeypatch):
+@pytest.mark.parametrize("mode", ["move", "mremap fails", "big frames"])
+def test_misses_take_the_pages_of_other_layouts_free_frames_within_the_budget(mixed_file, mode, monkeypatch):
     """A miss over the limit moves a free frame's pages of another layout into its own (mremap);
-    where moving fails it gives them back instead. Either way: same tokens, and the pages present
-    in the arenas (mincore) stay within the budget after every token."""
+    where moving fails, or for frames big enough to keep whole huge pages, it gives them back
+    instead. Either way: same tokens, and the pages present in the arenas (mincore) stay within
+    the budget after every token."""
+    from edgemoe import arenas as arenas_module
+
     full = Engine(mixed_file, EngineConfig(n_threads=1))
     want, total = _tokens(full, 24), full.expert_bytes_total
     full.close()
@@ -113,16 +116,19 @@ def test_misses_take_the_pages_of_other_layouts_free_frames_within_the_budget(mi
     try:
         arenas = engine.cache.arenas
         assert len(arenas.by_index) > 1 and not any(a.repacked for a in arenas.by_index)
-        if not can_move:  # what an old kernel, or vm.max_map_count reached, does: mremap fails
+        assert max(a.frame_bytes for a in arenas.by_index) < arenas_module.MOVE_FRAME_BYTES
+        if mode == "mremap fails":  # what an old kernel, or vm.max_map_count reached, does
             def refuse(*_):
                 raise OSError(12, "mremap: Cannot allocate memory")
             monkeypatch.setattr(pages, "move", refuse)
+        elif mode == "big frames":  # every frame counts as big
+            monkeypatch.setattr(arenas_module, "MOVE_FRAME_BYTES", PAGE_BYTES)
         got = []
         for event in engine.stream_generate(PROMPT, 24, stop_at_eos=False):
             got.append(event.token)
             assert arenas.committed_bytes <= budget
             assert _resident_expert_bytes(arenas) <= budget
         assert got == want
-        assert (arenas.moved_bytes > 0) == can_move and arenas.can_move == can_move
+        assert (arenas.moved_bytes > 0) == (mode == "move") and arenas.can_move == (mode != "mremap fails")
     finally:
         engine.close()
