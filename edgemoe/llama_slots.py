@@ -13,6 +13,16 @@ Why not the page cache: buffered fills reach ~1.3-1.7 GB/s here and fadvise alon
 pages cached; fresh anonymous memory per miss faults and zeroes every page (~1 GB/s); reused
 slots filled with O_DIRECT from 4 threads read at 2.4-2.7 GB/s (docs/ENGINE.md).
 
+Huge pages survive the move. llama.cpp computes on a page cache that holds the file in large
+folios mapped 2 MiB at a time (FilePmdMapped), while slots moved in 4 KiB at a time made the
+same kernels 1.5-1.7x slower on the Mixtral slice (TLB misses over ~1.6 GB of expert bytes per
+token). mremap moves a whole huge page only between 2 MiB-aligned addresses, so a slot holds
+each part in two regions: its *middle*, the 2 MiB-aligned run of the part's pages in llama.cpp's
+mapping, at a 2 MiB-aligned place in the slot (moved as huge pages, there and back), and its
+*head and tail* (under 2 MiB each) in the slot's remaining room (moved as small pages). The
+slot's size is unchanged: the middle region holds as many huge pages as the widest part spans,
+and when a part's alignment leaves one of them unused, its head and tail go there.
+
 Geometry is file offsets; `MappedExperts` turns them into addresses of llama.cpp's mapping.
 """
 from __future__ import annotations
@@ -22,6 +32,7 @@ import os
 import threading
 from dataclasses import dataclass
 
+from edgemoe.dma_buffers import HUGE_PAGE
 from edgemoe.expert_loader import ExpertLoader, memory_at
 from edgemoe.expert_store import ExpertSpec
 from edgemoe.llama_pages import (MADV_DONTNEED, MADV_RANDOM, PAGE, Mapping, advise, drop_file_pages, map_anonymous,
@@ -40,10 +51,12 @@ def _up(n: int) -> int:
 @dataclass(frozen=True)
 class ExpertPages:
     """One expert's pages, as file offsets. interiors[i]: part i's whole pages (offset, nbytes;
-    nbytes may be 0); slot_offsets[i]: where part i sits in the expert's slot."""
+    nbytes may be 0); regions[i]: part i's room in the expert's slot, (middle offset, middle
+    bytes, rest offset, rest bytes): the middle region 2 MiB-aligned in the slot and a multiple
+    of 2 MiB (0 for parts under one huge page), the rest for its head and tail."""
     key: Key
     interiors: tuple[tuple[int, int], ...]
-    slot_offsets: tuple[int, ...]
+    regions: tuple[tuple[int, int, int, int], ...]
     slot_bytes: int
     edges: tuple[int, ...]  # offsets of its partial pages that hold no dense bytes
 
@@ -84,15 +97,52 @@ def expert_pages(specs: dict[Key, ExpertSpec], dense_ranges: list[tuple[int, int
             widest[(p.role, p.nbytes)] = max(widest.get((p.role, p.nbytes), 0), n)
     out = {}
     for k, s in specs.items():
-        offsets, pos, edges = [], 0, set()
+        room = [widest[(p.role, p.nbytes)] for p in s.parts]
+        middles = [n // HUGE_PAGE * HUGE_PAGE for n in room]  # first in the slot: 2 MiB-aligned
+        rests, pos = [], sum(middles)
+        for n, m in zip(room, middles):
+            rests.append(pos)
+            pos += n - m
+        regions = tuple((sum(middles[:i]), m, r, n - m) for i, (n, m, r) in enumerate(zip(room, middles, rests)))
+        edges = set()
         for p, (start, n) in zip(s.parts, interior[k]):
-            offsets.append(pos)
-            pos += widest[(p.role, p.nbytes)]
             for page in {_down(p.offset), _down(p.offset + p.nbytes - 1)}:  # the partial pages, if any
                 if not start <= page < start + n and not dense.touches(page):
                     edges.add(page)
-        out[k] = ExpertPages(k, tuple(interior[k]), tuple(offsets), pos, tuple(sorted(edges)))
+        out[k] = ExpertPages(k, tuple(interior[k]), regions, pos, tuple(sorted(edges)))
     return out
+
+
+Piece = tuple[int, int, int]  # (file offset, nbytes, offset in the slot)
+
+
+def slot_pieces(g: ExpertPages, address_of) -> list[Piece]:
+    """Where each interior page of expert `g` sits in its slot, given `address_of(file offset)` in
+    llama.cpp's mapping: a part's 2 MiB-aligned middle at its middle region (address and slot
+    place congruent modulo 2 MiB, so mremap moves whole huge pages), its head and tail in the
+    room left (the middle region's unused end, then the rest region)."""
+    pieces: list[Piece] = []
+    for (o, n), (mid_at, mid_room, rest_at, rest_room) in zip(g.interiors, g.regions):
+        if not n:
+            continue
+        head = min((-address_of(o)) % HUGE_PAGE, n) if mid_room else n
+        mid = min((n - head) // HUGE_PAGE * HUGE_PAGE, mid_room)
+        if mid == 0:
+            head = n
+        room = [(mid_at + mid, mid_room - mid), (rest_at, rest_room)]
+        if mid:
+            pieces.append((o + head, mid, mid_at))
+        for start, size in ((o, head), (o + head + mid, n - head - mid)):
+            while size:
+                at, free = room[0]
+                take = min(size, free)
+                if take:
+                    pieces.append((start, take, at))
+                    start, size = start + take, size - take
+                room[0] = (at + take, free - take)
+                if room[0][1] == 0:
+                    room.pop(0)
+    return pieces
 
 
 def page_runs(ranges) -> list[tuple[int, int]]:
@@ -169,8 +219,8 @@ def read_exactly(path: str, runs: list[tuple[int, int]], chunk_bytes: int = 8 * 
 class MappedExpert:
     """A resident expert: its slot's pages sit in llama.cpp's mapping until `close()`."""
 
-    def __init__(self, owner: "MappedExperts", pages: ExpertPages, slot: int):
-        self.owner, self.pages, self.slot = owner, pages, slot
+    def __init__(self, owner: "MappedExperts", pages: ExpertPages, slot: int, pieces: list[Piece]):
+        self.owner, self.pages, self.slot, self.pieces = owner, pages, slot, pieces
 
     def close(self) -> None:
         if self.slot:
@@ -220,11 +270,11 @@ class MappedExperts:
         """Read `keys` into slots (all reads in flight together) and move them into the mapping.
         On failure nothing stays placed and every slot is back in the pool."""
         geo = [self.geometry[k] for k in keys]
+        pieces = [slot_pieces(g, self.addr) for g in geo]
         with self.lock:
             slots = [self.pool.take(g.slot_bytes, self._slot_limit()) for g in geo]
         try:
-            self.loader.read_many([([(o, n, pos) for (o, n), pos in zip(g.interiors, g.slot_offsets) if n],
-                                    memory_at(slot, g.slot_bytes)) for g, slot in zip(geo, slots)])
+            self.loader.read_many([(p, memory_at(slot, g.slot_bytes)) for g, p, slot in zip(geo, pieces, slots)])
         except BaseException:
             with self.lock:
                 for slot in slots:
@@ -233,9 +283,9 @@ class MappedExperts:
         done: list[MappedExpert] = []
         with self.lock:
             try:
-                for g, slot in zip(geo, slots):
-                    self._move_in(g, slot)
-                    done.append(MappedExpert(self, g, slot))
+                for g, p, slot in zip(geo, pieces, slots):
+                    self._move_in(p, slot)
+                    done.append(MappedExpert(self, g, slot, p))
                     self.placed[g.key] = done[-1]
                     for e in g.edges:
                         self._edge_users.setdefault(e, set()).add(g.key)
@@ -251,13 +301,12 @@ class MappedExperts:
                 os.posix_fadvise(self.fd, e, PAGE, os.POSIX_FADV_WILLNEED)
         return done
 
-    def _move_in(self, g: ExpertPages, slot: int) -> None:
+    def _move_in(self, pieces: list[Piece], slot: int) -> None:
         moved = []
         try:
-            for (o, n), pos in zip(g.interiors, g.slot_offsets):
-                if n:
-                    move(slot + pos, n, self.addr(o))
-                    moved.append((o, n, pos))
+            for o, n, pos in pieces:
+                move(slot + pos, n, self.addr(o))
+                moved.append((o, n, pos))
         except BaseException:
             for o, n, pos in moved:
                 self._move_out(o, n, slot + pos)
@@ -274,9 +323,8 @@ class MappedExperts:
 
     def _take_out(self, m: MappedExpert) -> None:
         g = m.pages
-        for (o, n), pos in zip(g.interiors, g.slot_offsets):
-            if n:
-                self._move_out(o, n, m.slot + pos)
+        for o, n, pos in m.pieces:
+            self._move_out(o, n, m.slot + pos)
         self.placed.pop(g.key, None)
         for e in g.edges:
             users = self._edge_users.get(e, set())

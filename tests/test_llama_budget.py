@@ -339,3 +339,79 @@ def test_bench_rows_say_which_layout_ran(demo):
     for full_layout, layout in ((None, "default"), (False, "slots")):
         b = bench_llama_budget(path, ids, 3, 1, "lru", full_layout)
         assert b["layout"] == layout and b["hit_rate"] == 1.0 and b["decode"] > 0
+
+
+# ---- huge pages through the move (edgemoe/llama_slots.py) ---------------------------------------
+@pytest.fixture(scope="module")
+def big_parts(tmp_path_factory):
+    """Expert matrices of 4 MiB (f16 1024 x 2048): parts that span whole huge pages."""
+    from synthetic import write_mixtral
+
+    d = tmp_path_factory.mktemp("slots-huge")
+    ckpt = write_mixtral(d / "ckpt", hidden=1024, ff=2048, n_experts=4, n_layers=2, seed=5)
+    path = _private_copy(convert(ckpt, d / "m.gguf", "f16").path, d / "private.gguf")
+    llm = open_llama(path, n_ctx=256, model_params=dict(use_extra_bufts=False))  # the slots layout's kernels
+    try:
+        return path, [e.token for e in stream_generate(llm, PROMPT, N_TOKENS)]
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("delta", [0, PAGE, 5 * PAGE, (2 << 20) - PAGE])
+def test_slot_pieces_cover_each_interior_once_with_middles_congruent_to_their_address(big_parts, delta):
+    """For any placement of llama.cpp's mapping (`delta`: its address minus file offset, mod 2 MiB):
+    the pieces cover every interior page exactly once, stay inside the slot without overlapping,
+    and every middle piece sits where its slot place and its address agree modulo 2 MiB."""
+    from edgemoe.dma_buffers import HUGE_PAGE
+    from edgemoe.llama_budget import file_geometry
+    from edgemoe.llama_slots import slot_pieces
+
+    geometry = file_geometry(GGUFFile(big_parts[0]))[2]
+    assert any(mid for g in geometry.values() for _, mid, _, _ in g.regions), "parts span huge pages"
+    address = lambda offset: offset + delta  # noqa: E731
+    huge_moves = 0
+    for g in geometry.values():
+        pieces = slot_pieces(g, address)
+        covered = sorted((o, o + n) for o, n, _ in pieces)
+        assert covered == sorted((a, b) for a, b in covered)
+        want = sorted(p for o, n in g.interiors if n for p in range(o, o + n, PAGE))
+        assert sorted(p for o, n, _ in pieces for p in range(o, o + n, PAGE)) == want
+        places = sorted((pos, pos + n) for _, n, pos in pieces)
+        assert all(b <= c for (_, b), (c, _) in zip(places, places[1:])) and places[-1][1] <= g.slot_bytes
+        for o, n, pos in pieces:
+            if n >= HUGE_PAGE:
+                assert pos % HUGE_PAGE == 0 and address(o) % HUGE_PAGE == 0 and n % HUGE_PAGE == 0
+                huge_moves += 1
+    assert huge_moves >= len(geometry)
+
+
+def _huge_bytes_in(start: int, end: int) -> int:
+    """AnonHugePages of this process's mappings inside [start, end)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = start <= lo and hi <= end
+        elif inside and head == "AnonHugePages:":
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+def test_slots_move_whole_huge_pages_into_llamas_mapping_and_tokens_stay_plain(big_parts):
+    """Resident experts' middles are huge pages inside llama.cpp's mapping (where the system
+    grants transparent huge pages), the budget holds, and the tokens are plain llama.cpp's."""
+    path, expected = big_parts
+    rt = BudgetedLlama(path, BudgetedConfig(budget_bytes=int(_expert_total(path) * 0.6), n_ctx=256, full_layout=False))
+    try:
+        events, checks = _stream_checked(rt)
+        assert [e.token for e in events] == expected
+        assert all(measured <= rt.config.budget_bytes for measured, _, _ in checks)
+        assert sum(e.cache.misses for e in events) > 0 and sum(e.cache.evictions for e in events) > 0
+        thp = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+        if "[never]" in thp:
+            pytest.skip("transparent huge pages are off on this system: slots move small pages")
+        m = rt.pages.mapping
+        assert _huge_bytes_in(m.start, m.end) >= 2 << 20, "middles moved in as huge pages"
+    finally:
+        rt.close()
