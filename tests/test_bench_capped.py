@@ -196,6 +196,20 @@ def test_ratio_is_against_the_best_plain_llama_that_ran():
     assert report.same_tokens(report.results[1]) is None  # the reference itself
 
 
+def test_steal_is_read_from_proc_stat_and_shared_over_the_cpus(monkeypatch):
+    import os
+
+    from edgemoe.bench import capped_run
+    from edgemoe.bench.capped_report import steal_share
+
+    first = capped_run.steal_seconds()
+    assert 0 <= first <= capped_run.steal_seconds()
+    r = _result("edgemoe", "ok", decode_s=2.0)
+    r = CappedResult(r.name, r.label, r.status, measure=RunMeasure(**{**r.measure.__dict__, "steal_s": 1.0}))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert steal_share(r) == pytest.approx(25.0)  # 1 s of 2 s x 2 CPUs
+
+
 def test_capped_bench_end_to_end_on_the_demo(tmp_path):
     """Every configuration, each in its own cgroup with a generous cap, through the CLI."""
     _cgroups_or_skip()
@@ -213,6 +227,7 @@ def test_capped_bench_end_to_end_on_the_demo(tmp_path):
     assert ref["status"] == "ok" and report["compute_s_per_token"] > 0
     assert ref["measure"]["start_resident_bytes"] == model.stat().st_size  # warm: every page cached
     names = [r["name"] for r in report["results"]]
+    assert all(r["measure"]["steal_s"] >= 0 for r in report["results"] if r["status"] == "ok")
     assert names == list(RUN_NAMES)  # plain llama.cpp x3, the engine, the budgeted llama.cpp mode
     for r in report["results"]:
         assert r["status"] == "ok", r

@@ -1,6 +1,7 @@
 """How `edgemoe bench --max-memory` prints and saves its runs (edgemoe/bench/capped.py)."""
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 
 from rich.table import Table
@@ -35,12 +36,12 @@ def result_line(report: ModelReport, r: CappedResult) -> str:
         return f"  {r.label}: {r.status}" + (f" ({r.detail.splitlines()[-1]})" if r.detail else "")
     peak = r.usage.peak_bytes / MIB if r.usage else 0.0
     return (f"  {r.label}: decode {r.decode_tps:.2f} tok/s, prefill {r.prefill_tps:.1f} tok/s, peak {peak:.0f} MiB, "
-            f"{r.read_bytes_per_token / MIB:.1f} MiB read/token")
+            f"{r.read_bytes_per_token / MIB:.1f} MiB read/token, steal {steal_share(r):.0f}%")
 
 
 def results_table(report: ModelReport) -> Table:
     table = Table("run", "status", "budget MiB", "cold start", "prefill tok/s", "decode tok/s", "vs best llama.cpp",
-                  "peak cgroup MiB", "peak RSS MiB", "OOM kills", "MiB read/tok", "loader MiB/tok", "loader GB/s", "hit %", "same tokens", "bound tok/s", "of bound",
+                  "peak cgroup MiB", "peak RSS MiB", "OOM kills", "MiB read/tok", "loader MiB/tok", "loader GB/s", "hit %", "same tokens", "bound tok/s", "of bound", "steal %",
                   title=report.model.rsplit("/", 1)[-1])
     for r in report.results:
         ok = r.status == "ok"
@@ -58,8 +59,16 @@ def results_table(report: ModelReport) -> Table:
                       if ok and r.measure.hits + r.measure.misses else "",
                       {True: "yes", False: "no", None: ""}[report.same_tokens(r)],
                       "" if bound is None else f"{bound:.2f}",
-                      "" if bound is None else f"{100 * r.decode_tps / bound:.0f}%")
+                      "" if bound is None else f"{100 * r.decode_tps / bound:.0f}%",
+                      f"{steal_share(r):.0f}%" if ok else "")
     return table
+
+
+def steal_share(r: CappedResult) -> float:
+    """Steal during the decode as a share of the machine's CPU time then: a run above a few
+    percent was slowed by the host, not by the code (compare it with care)."""
+    cpus = os.cpu_count() or 1
+    return 100 * r.measure.steal_s / (r.measure.decode_s * cpus) if r.measure.decode_s > 0 else 0.0
 
 
 def _cold(r: CappedResult) -> str:

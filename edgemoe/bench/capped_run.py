@@ -12,6 +12,7 @@ and busy time come from its stats where the backend has one.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -64,6 +65,9 @@ class RunMeasure:
     compute_ms: dict[str, float] = field(default_factory=dict)  # engine: ggml compute per decode token by label
     peak_rss_bytes: int = 0
     tokens: list[int] = field(default_factory=list)
+    # CPU time the hypervisor gave to others during the decode (all CPUs, /proc/stat "steal"):
+    # on a shared VM host it moves decode speed by more than most changes do
+    steal_s: float = 0.0
 
 
 def device_read_bytes() -> int:
@@ -73,6 +77,17 @@ def device_read_bytes() -> int:
             if line.startswith("read_bytes:"):
                 return int(line.split()[1])
     raise OSError("/proc/self/io has no read_bytes line")
+
+
+def steal_seconds() -> float:
+    """Seconds of CPU time stolen by the hypervisor so far, summed over CPUs (0 where not reported)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return 0.0
+    # "cpu user nice system idle iowait irq softirq steal ...", in clock ticks
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 and fields[0] == "cpu" else 0.0
 
 
 def warm_file(path: str, chunk_bytes: int = 64 * 2**20) -> None:
@@ -154,9 +169,10 @@ def _measure(spec: RunSpec, opened, start_resident: int, open_s: float, open_rea
     for event in stream:
         io_end = device_read_bytes()  # at the event: llama.cpp's generator runs one pass past the last
         if not events:  # the prefill is done: decode counts from here
-            marks = dict(io=io_end, loader=loader.stats() if loader else None,
+            marks = dict(io=io_end, loader=loader.stats() if loader else None, steal=steal_seconds(),
                          compute=dict(compute) if compute is not None else {})
         events.append(event)
+    steal = steal_seconds() - marks.get("steal", 0.0)
     decode = events[1:]
     n = max(len(decode), 1)
     measure = dict(prompt_tokens=_prompt_tokens(spec, opened), decode_tokens=len(decode),
@@ -164,7 +180,7 @@ def _measure(spec: RunSpec, opened, start_resident: int, open_s: float, open_rea
                    prefill_s=events[0].elapsed_s, decode_s=events[-1].elapsed_s - events[0].elapsed_s,
                    open_read_bytes=open_read, prefill_read_bytes=marks["io"] - io_start,
                    decode_read_bytes=io_end - marks["io"], peak_rss_bytes=events[-1].peak_rss_bytes,
-                   tokens=[e.token for e in events])
+                   tokens=[e.token for e in events], steal_s=steal if len(events) > 1 else 0.0)
     if spec.backend != "llama":
         measure.update(hits=sum(e.cache.hits for e in decode), misses=sum(e.cache.misses for e in decode),
                        stall_s=sum(e.cache.stall_s for e in decode),
