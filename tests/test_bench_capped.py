@@ -192,6 +192,10 @@ def test_ratio_is_against_the_best_plain_llama_that_ran():
     assert report.compute_s_per_token == pytest.approx(0.05)
     # 1 GB per token at 2 GB/s + 50 ms
     assert report.bound_tps(report.results[3]) == pytest.approx(1 / 0.55)
+    report.probe_after_bps = 4e9  # the disk was faster after the runs: the bound takes the faster probe
+    assert report.disk_bps == 4e9 and report.bound_tps(report.results[3]) == pytest.approx(1 / 0.30)
+    report.probe_after_bps = 1e9
+    assert report.bound_tps(report.results[3]) == pytest.approx(1 / 0.55)
     assert report.same_tokens(report.results[2]) is True and report.same_tokens(report.results[3]) is False
     assert report.same_tokens(report.results[1]) is None  # the reference itself
 
@@ -222,7 +226,8 @@ def test_capped_bench_end_to_end_on_the_demo(tmp_path):
     assert main(["bench", "--max-memory", "2GiB", str(model), "-n", "3", "--prompt-tokens", "8", "--threads", "1",
                  "--json", str(out)]) == 0
     (report,) = json.loads(out.read_text())
-    assert report["probe_method"] == "O_DIRECT" and report["probe_bps"] > 0
+    assert report["probe_method"] == "O_DIRECT" and report["probe_bps"] > 0 and report["probe_after_bps"] > 0
+    assert report["disk_bps"] == max(report["probe_bps"], report["probe_after_bps"])
     ref = report["reference"]
     assert ref["status"] == "ok" and report["compute_s_per_token"] > 0
     assert ref["measure"]["start_resident_bytes"] == model.stat().st_size  # warm: every page cached

@@ -17,7 +17,8 @@ def model_header(report: ModelReport, cap_bytes: int) -> str:
     lines = [f"{report.model}: {report.file_bytes / 2**30:.2f} GiB, cap {cap_bytes / MIB:.0f} MiB "
              f"(cgroup {report.cgroup})",
              f"  probed read bandwidth: {report.probe_bps / 1e9:.2f} GB/s ({report.probe_method}, 4 streams of "
-             f"8 MiB blocks, cold)"]
+             f"8 MiB blocks, cold)" + (f"; after the runs {report.probe_after_bps / 1e9:.2f} GB/s (the bound "
+                                       f"takes {report.disk_bps / 1e9:.2f})" if report.probe_after_bps else "")]
     if compute is not None:
         lines.append(f"  compute per token: {1e3 * compute:.1f} ms ({ref.label}: {ref.decode_tps:.2f} tok/s, "
                      f"{ref.read_bytes_per_token / MIB:.2f} MiB read/token, "
@@ -92,7 +93,7 @@ def report_dict(report: ModelReport) -> dict:
 
     best = report.best_plain_llama()
     return {"model": report.model, "file_bytes": report.file_bytes, "probe_bps": report.probe_bps,
-            "probe_method": report.probe_method, "cgroup": report.cgroup,
+            "probe_after_bps": report.probe_after_bps, "disk_bps": report.disk_bps, "probe_method": report.probe_method, "cgroup": report.cgroup,
             "compute_s_per_token": report.compute_s_per_token, "reference_note": report.reference_note,
             "best_plain_llama": best.label if best else None, "reference": one(report.reference),
             "results": [one(r) for r in report.results]}
