@@ -137,9 +137,6 @@ class Arena:
                     for p, pos in zip(self.parts, self.positions)]
         self.memory.store(parts[j], plain)
 
-    def release_pages(self, i: int) -> None:
-        self.memory.release(i * self.frame_bytes, self.frame_bytes)
-
     def close(self) -> None:
         self.memory.close()
 

@@ -80,7 +80,10 @@ class ChatApp(App):
                     "(llama.cpp's repacked load cannot give experts back); a prompt sent now waits for it.")
 
         def reload() -> None:
-            result = self._change_budget(budget_bytes)
+            try:
+                result = self._change_budget(budget_bytes)
+            except Exception as exc:  # noqa: BLE001 (a load that failed otherwise: say so, never kill the app)
+                result = None, exc
             self.call_from_thread(self._budget_set, budget_bytes, *result)
         self.run_worker(reload, thread=True, group="budget", name="budget reload")
         return True
