@@ -1,5 +1,5 @@
 # Everything a fresh machine (Python 3.10+, pip, a C compiler) needs. The first install builds
-# llama-cpp-python from source (~15 min on 2 cores) into a wheel kept under ~/.cache/edgemoe/wheels,
+# llama-cpp-python from source (~15 min on 2 cores) into a wheel kept under ~/.cache/edgemoe-wheels,
 # so later installs take seconds.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -18,8 +18,9 @@ LLAMA := $(shell grep -o '"llama-cpp-python==[^"]*"' pyproject.toml | tr -d '"')
 ifeq ($(shell uname -m),x86_64)
 LLAMA_CFLAGS ?= -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 endif
-CACHE_DIR := $(or $(EDGEMOE_CACHE),$(HOME)/.cache/edgemoe)
-LLAMA_WHEELS := $(CACHE_DIR)/wheels/$(subst ==,-,$(LLAMA))$(if $(strip $(LLAMA_CFLAGS)),-$(shell echo '$(LLAMA_CFLAGS)' | cksum | cut -d' ' -f1))
+# outside EDGEMOE_CACHE (CI points that into its clone): one build serves every checkout
+WHEEL_DIR ?= $(HOME)/.cache/edgemoe-wheels
+LLAMA_WHEELS := $(WHEEL_DIR)/$(subst ==,-,$(LLAMA))$(if $(strip $(LLAMA_CFLAGS)),-$(shell echo '$(LLAMA_CFLAGS)' | cksum | cut -d' ' -f1))
 
 .PHONY: setup run test clean
 
