@@ -5,7 +5,6 @@ engine stays usable where it can; `edgemoe generate` prints one line, the chat s
 stays open."""
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -19,6 +18,7 @@ from edgemoe.cli import main as cli_main
 from edgemoe.converters.convert import convert
 from edgemoe.engine import Engine, EngineConfig
 from edgemoe.gguf_file import ExpertReadError, ModelFileChanged, ModelFileError
+from failing_reads import FailingReads
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PROMPT = "def f(x):"
@@ -46,20 +46,6 @@ def tight(path, **kw) -> Engine:
 
 def tokens(engine: Engine) -> list[int]:
     return [e.token for e in engine.stream_generate(PROMPT, N_TOKENS, stop_at_eos=False)]
-
-
-class FailingReads:
-    """os.preadv that raises EIO from the `after`-th call on while armed."""
-
-    def __init__(self, monkeypatch, after: int = 3):
-        self.real, self.calls, self.after, self.armed = os.preadv, 0, after, True
-        monkeypatch.setattr(os, "preadv", self)
-
-    def __call__(self, fd, buffers, offset):
-        self.calls += 1
-        if self.armed and self.calls >= self.after:
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        return self.real(fd, buffers, offset)
 
 
 def assert_cache_idle(engine: Engine) -> None:

@@ -21,6 +21,7 @@ from edgemoe.errors import InputError
 from edgemoe.llama_budget import BudgetedConfig, BudgetedLlama, LlamaApiMissing, budget_range, check_api
 from edgemoe.llama_pages import PAGE
 from edgemoe.residency import BudgetError
+from failing_reads import FailingReads
 
 PROMPT = 'def read_file(path):\n    """Return the'
 N_TOKENS = 24
@@ -170,18 +171,10 @@ def test_read_error_stops_the_reply_cleanly(demo, monkeypatch):
     path, expected = demo
     rt = BudgetedLlama(path, BudgetedConfig(budget_bytes=int(_expert_total(path) * 0.3), n_ctx=256))
     try:
-        real, calls = os.preadv, []
-
-        def failing(fd, bufs, off):
-            calls.append(off)
-            if len(calls) >= 5:
-                raise OSError(errno.EIO, os.strerror(errno.EIO))
-            return real(fd, bufs, off)
-
-        monkeypatch.setattr(os, "preadv", failing)
+        fail = FailingReads(monkeypatch, after=5)
         with pytest.raises(ExpertReadError, match=r"reading expert.* failed: Input/output error"):
             list(rt.stream_generate(PROMPT, N_TOKENS))
-        monkeypatch.setattr(os, "preadv", real)
+        fail.armed = False
         assert not rt.cache.state.pins and not rt.cache.loading and rt.cache.in_flight_bytes == 0
         assert rt.resident_expert_bytes() <= rt.config.budget_bytes
         assert [e.token for e in rt.stream_generate(PROMPT, N_TOKENS)] == expected, "the next reply is normal"
