@@ -132,3 +132,38 @@ def test_misses_take_the_pages_of_other_layouts_free_frames_within_the_budget(mi
         assert (arenas.moved_bytes > 0) == (mode == "move") and arenas.can_move == (mode != "mremap fails")
     finally:
         engine.close()
+
+
+def test_big_stock_parts_are_read_in_place_with_o_direct(tmp_path):
+    """A stock tensor's experts of whole pages each (parts >= CONGRUENT_MIN_BYTES) sit in their
+    frames where their file offsets fall in a page: all experts of a layer keep one layout (one
+    arena), misses are read with O_DIRECT straight into the frames (no bounce copy but of the
+    parts' unaligned edges), and the tokens equal the full-budget engine's."""
+    from edgemoe.arenas import signature
+    from edgemoe.expert_store import CONGRUENT_MIN_BYTES
+
+    ckpt = write_mixtral(tmp_path / "ckpt", hidden=512, ff=512, n_experts=4, n_layers=2, seed=5)
+    path = convert(ckpt, tmp_path / "m.gguf", "q8_0").path
+    specs = find_experts(GGUFFile(path))
+    for spec in specs.values():
+        _, positions = spec.layout()
+        for p, pos in zip(spec.parts, positions):
+            assert p.nbytes >= CONGRUENT_MIN_BYTES and p.nbytes % PAGE_BYTES == 0
+            assert (pos - p.offset) % PAGE_BYTES == 0 and pos % 32 == 0
+        assert spec.alloc_bytes - spec.nbytes < len(spec.parts) * PAGE_BYTES + PAGE_BYTES
+    for layer in {k[0] for k in specs}:
+        assert len({signature(s) for k, s in specs.items() if k[0] == layer}) == 1
+    full = Engine(path, EngineConfig(n_threads=1, repack_experts=False))
+    want, total = _tokens(full), full.expert_bytes_total
+    full.close()
+    engine = Engine(path, EngineConfig(n_threads=1, budget_bytes=total * 3 // 8, repack_experts=False))
+    try:
+        assert _tokens(engine) == want
+        stats = engine.cache.loader.stats()
+        # only each part's unaligned head and tail (under a block each) go through a bounce buffer
+        smallest = min(p.nbytes for spec in specs.values() for p in spec.parts)
+        assert stats.bytes_read > 0 and stats.bounced_bytes <= stats.bytes_read * 2 * PAGE_BYTES // smallest
+        if engine.cache.loader.direct:
+            assert stats.direct_bytes == stats.bytes_read
+    finally:
+        engine.close()
