@@ -2,6 +2,7 @@
 the chat backend's live budget and policy, and one-line errors."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -18,8 +19,9 @@ from edgemoe.tui import Sampling, open_backend
 PROMPT = "The os module provides"
 
 
-def _cli(*argv):
-    return subprocess.run([sys.executable, "-m", "edgemoe.cli", *argv], capture_output=True, text=True)
+def _cli(*argv, env=None):
+    return subprocess.run([sys.executable, "-m", "edgemoe.cli", *argv], capture_output=True, text=True,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def test_generate_budgeted_llama_prints_the_same_text_as_stock():
@@ -30,6 +32,10 @@ def test_generate_budgeted_llama_prints_the_same_text_as_stock():
     assert budgeted.stdout == stock.stdout
     assert "backend llama + edgemoe cache" in budgeted.stderr and "hits" in budgeted.stderr
     assert "expert reads" in budgeted.stderr and "GB/s" in budgeted.stderr
+    assert "GB/s (native AIO)" in budgeted.stderr or "GB/s (reader threads)" in budgeted.stderr
+    threads = _cli("generate", "--backend", "llama", "-n", "4", "-p", PROMPT, "--budget", "30%",
+                   env={"EDGEMOE_AIO": "0"})
+    assert threads.returncode == 0 and "GB/s (reader threads)" in threads.stderr, threads.stderr
     # 100% holds every expert as the budgeted mode counts them: llama.cpp's default layout, no reads
     full = _cli("generate", "--backend", "llama", "-n", "16", "-p", PROMPT, "--budget", "100%", "--stats")
     assert full.returncode == 0 and full.stdout == stock.stdout, full.stderr

@@ -56,7 +56,9 @@ def _print_stream(args: argparse.Namespace, events, label: str, low_bytes: int, 
         dual = (f", served low {low[0]} of {low[1]} token x expert slots ({100 * low[0] / max(low[1], 1):.1f}%), "
                 f"low copies {low_bytes / 2**20:.1f} MiB" if low_bytes else "")
         reads = loader.stats()
-        io = f", expert reads {reads.bytes_read / 2**20:.0f} MiB at {reads.bandwidth_bps / 1e9:.2f} GB/s" if reads.reads else ""
+        how = "native AIO" if loader.uses_aio else "reader threads"
+        io = (f", expert reads {reads.bytes_read / 2**20:.0f} MiB at {reads.bandwidth_bps / 1e9:.2f} GB/s ({how})"
+              if reads.reads else "")
         print(f"[{last.index + 1} tokens, {last.tokens_per_s:.1f} tokens/s, backend {label}, "
               f"peak RSS {last.peak_rss_bytes / 2**20:.0f} MiB{io}{dual}]", file=sys.stderr)
 
