@@ -32,6 +32,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -95,12 +96,14 @@ class ExpertLoader:
             except OSError:
                 self.direct_fd = -1
         # AIO needs O_DIRECT (buffered reads would block in io_submit); one context per reading
-        # thread, made on its first read, all destroyed by close(). EDGEMOE_AIO=0 turns it off
+        # thread, made on its first read, destroyed when that thread ends (the chat reads from a
+        # new worker thread per reply: kept contexts would pile up to the kernel's fs.aio-max-nr)
+        # or by close(), whichever comes first. EDGEMOE_AIO=0 turns it off
         # (the reader threads then), for a kernel whose AIO misbehaves or to compare the two.
         if aio is None:
             aio = os.environ.get("EDGEMOE_AIO", "1").strip().lower() not in ("0", "false", "no", "off")
         self._aio = aio and self.direct
-        self._contexts: list[AioContext] = []
+        self._contexts: weakref.WeakSet[AioContext] = weakref.WeakSet()  # held by their threads' locals
         self._lock = threading.Lock()
         self._bytes = self._direct = self._bounced = self._reads = 0
         self._busy_s, self._active, self._since = 0.0, 0, 0.0
@@ -204,7 +207,7 @@ class ExpertLoader:
                 return None
             self._local.aio = ctx
             with self._lock:
-                self._contexts.append(ctx)
+                self._contexts.add(ctx)
         return ctx
 
     def _bounce_slots(self, n: int) -> list[int]:
@@ -361,7 +364,7 @@ class ExpertLoader:
 
     def close(self) -> None:
         with self._lock:
-            contexts, self._contexts = self._contexts, []
+            contexts, self._contexts = list(self._contexts), weakref.WeakSet()
         for ctx in contexts:
             ctx.close()
         for _ in self._threads:

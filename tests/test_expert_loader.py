@@ -253,3 +253,37 @@ def test_random_expert_bench_reads_the_demo_both_ways(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert out.startswith("probe ") and out.count("loader ") == 2 and "raw O_DIRECT" in out
     assert out.count("through reader threads") == 2
+
+
+def test_a_reading_threads_aio_context_ends_with_the_thread(data_file):
+    """The chat reads from a new worker thread per reply: each thread's kernel AIO context is
+    destroyed when the thread ends, not kept until the loader closes (fs.aio-nr stays flat)."""
+    import gc
+    import threading
+
+    path, data = data_file
+    loader = ExpertLoader(path, chunk_bytes=64 * 1024)
+    try:
+        if not loader.uses_aio or not os.path.exists("/proc/sys/fs/aio-nr"):
+            pytest.skip("no native AIO here (or no fs.aio-nr to watch)")
+
+        def aio_nr() -> int:
+            with open("/proc/sys/fs/aio-nr") as f:
+                return int(f.read())
+
+        def reply(out: list) -> None:
+            buf = memory_at(*_aligned(2 * BLOCK_BYTES))
+            out.append(loader.read_into([(BLOCK_BYTES, 2 * BLOCK_BYTES, 0)], buf) == 2 * BLOCK_BYTES
+                       and bytes(buf) == data[BLOCK_BYTES:3 * BLOCK_BYTES])
+
+        before, ok = aio_nr(), []
+        for _ in range(5):
+            t = threading.Thread(target=reply, args=(ok,))
+            t.start()
+            t.join()
+        gc.collect()
+        assert ok == [True] * 5
+        assert aio_nr() <= before, "a finished thread's AIO context is still held"
+        assert loader.uses_aio
+    finally:
+        loader.close()
