@@ -3,8 +3,8 @@ caller owns.
 
 Why: one buffered pread stream reads ~1.4 GB/s on the test machine and one O_DIRECT stream
 ~0.77 GB/s, while four parallel O_DIRECT streams of 8 MiB chunks reach ~2.8 GB/s (queue depth
-decides, docs/ENGINE.md). So every read is cut into chunks that a fixed pool of threads issues
-at once, O_DIRECT wherever the file offset and the destination address are congruent modulo
+decides, docs/ENGINE.md). So every read is cut into chunks that go out at once (below: how),
+O_DIRECT wherever the file offset and the destination address are congruent modulo
 the block size (incongruent ranges and unaligned heads and tails go through O_DIRECT bounce
 buffers). Nothing is allocated per read: bytes land straight in the caller's buffer (an expert
 cache slot, an arena), so there is no second copy.
@@ -48,6 +48,18 @@ BACKGROUND_DEPTH = 4       # ... for a background read: prefetches must not crow
 
 Range = tuple[int, int, int]  # (file offset, nbytes, offset in the destination buffer)
 BOUNCE = -2  # a chunk's "fd" when it is read with O_DIRECT through the reading thread's bounce buffer
+
+
+def bounce_span(offset: int, nbytes: int) -> tuple[int, int]:
+    """(first block's file offset, bytes) of the whole blocks around [offset, offset + nbytes):
+    what an O_DIRECT bounce read of that range reads."""
+    lo = offset - offset % BLOCK_BYTES
+    return lo, -(-(offset - lo + nbytes) // BLOCK_BYTES) * BLOCK_BYTES
+
+
+def short_read(at: int, got: int, want: int) -> ModelFileError:
+    return ModelFileError(f"short read at byte {at + got}: {got} of {want} bytes; "
+                          "the model file changed or was truncated while running")
 
 
 def memory_at(address: int, nbytes: int) -> memoryview:
@@ -227,8 +239,7 @@ class ExpertLoader:
         short: list[tuple[int, int, int]] = []
         for fd, into, offset in jobs:
             if fd == BOUNCE:
-                lo = offset - offset % BLOCK_BYTES
-                span = -(-(offset - lo + into.nbytes) // BLOCK_BYTES) * BLOCK_BYTES
+                lo, span = bounce_span(offset, into.nbytes)
                 reads.append((self.direct_fd, None, span, lo))
             else:
                 reads.append((fd, address_of(into), into.nbytes, offset))
@@ -259,8 +270,7 @@ class ExpertLoader:
                               max_inflight=BACKGROUND_DEPTH if cancel is not None else None)
             if short:
                 offset, got, want = short[0]
-                raise ModelFileError(f"short read at byte {offset + max(got, 0)}: {max(got, 0)} of {want} bytes; "
-                                     "the model file changed or was truncated while running")
+                raise short_read(offset, max(got, 0), want)
             if sum(1 for n in results if n) < len(reads):
                 raise ReadCancelled("background read cancelled")
             nbytes = sum(into.nbytes for _, into, _ in jobs)
@@ -311,16 +321,14 @@ class ExpertLoader:
         while got < into.nbytes:
             n = os.preadv(fd, [into[got:]], offset + got)  # looked up per call: tests inject faults here
             if n <= 0:
-                raise ModelFileError(f"short read at byte {offset + got}: {got} of {into.nbytes} bytes; "
-                                     "the model file changed or was truncated while running")
+                raise short_read(offset, got, into.nbytes)
             got += n
 
     def _pread_bounced(self, into: memoryview, offset: int) -> None:
         """O_DIRECT over the blocks around [offset, offset + len) into this thread's bounce buffer,
         then one copy (memmove releases the GIL) into `into`."""
-        lo = offset - offset % BLOCK_BYTES
+        lo, span = bounce_span(offset, into.nbytes)
         need = offset - lo + into.nbytes
-        span = -(-need // BLOCK_BYTES) * BLOCK_BYTES
         bounce = getattr(self._local, "bounce", None)
         if bounce is None or bounce[2] < span:
             memory, start = aligned_anonymous(max(span, self.chunk_bytes + 2 * BLOCK_BYTES))
@@ -332,8 +340,7 @@ class ExpertLoader:
             while got < need:
                 n = os.preadv(self.direct_fd, [view[got:]], lo + got)  # the file's last block may end short
                 if n <= 0:
-                    raise ModelFileError(f"short read at byte {lo + got}: {got} of {need} bytes; "
-                                         "the model file changed or was truncated while running")
+                    raise short_read(lo, got, need)
                 got += n
             ctypes.memmove(address_of(into), address + offset - lo, into.nbytes)
         finally:

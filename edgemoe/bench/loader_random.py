@@ -19,7 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from edgemoe.dma_buffers import aligned_anonymous
-from edgemoe.expert_loader import BLOCK_BYTES, ExpertLoader, spec_ranges
+from edgemoe.expert_loader import ExpertLoader, bounce_span, spec_ranges
 from edgemoe.expert_store import find_experts
 from edgemoe.gguf_file import GGUFFile
 
@@ -62,15 +62,14 @@ def loader_bps(path: str, specs: dict, picks: list, per_request: int, aio: bool 
 
 def raw_bps(path: str, specs: dict, picks: list, per_request: int) -> float:
     parts = [[p for k in picks[i:i + per_request] for p in specs[k].parts] for i in range(0, len(picks), per_request)]
-    widest = max(-(-(p.offset % BLOCK_BYTES + p.nbytes) // BLOCK_BYTES) * BLOCK_BYTES for group in parts for p in group)
+    widest = max(bounce_span(p.offset, p.nbytes)[1] for group in parts for p in group)
     buffers = _buffers(max(len(g) for g in parts), widest)
     _drop(path)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
 
     def read(job) -> int:
         buf, p = job
-        lo = p.offset - p.offset % BLOCK_BYTES
-        span = -(-(p.offset - lo + p.nbytes) // BLOCK_BYTES) * BLOCK_BYTES
+        lo, span = bounce_span(p.offset, p.nbytes)
         os.preadv(fd, [buf[:span]], lo)
         return p.nbytes
 
