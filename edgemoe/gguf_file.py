@@ -6,9 +6,8 @@ never a crash inside ggml.
 """
 from __future__ import annotations
 
-import mmap
+import math
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from edgemoe.errors import EdgemoeError
+from edgemoe.gguf_header import ARRAY, STRING, HeaderError, RawTensor, array_values, read_header
 
 EDGEMOE_KEY_PREFIX = "edgemoe."
 VOCAB_KEY = "tokenizer.ggml.tokens"
@@ -80,40 +80,41 @@ class GGUFFile:
         if head != b"GGUF":
             raise ModelFileError(f"{self.path} is not a GGUF file (starts with {head!r}); "
                                  "convert a checkpoint with `edgemoe convert`")
-        _check_structure(self.path, self.size)
         try:
-            self.reader = gguf.GGUFReader(self.path, "r")
-        except Exception as exc:  # the reader raises ValueError/IndexError/KeyError on garbage
-            raise ModelFileError(f"{self.path} is corrupt or truncated ({type(exc).__name__}: {exc}); "
-                                 "re-create it with `edgemoe convert`") from exc
+            header = read_header(self.path, self.size)
+        except HeaderError as exc:
+            raise ModelFileError(f"{self.path} is corrupt or truncated: {exc}; re-create it with `edgemoe convert`") from None
+        self.version, self.fields, self.alignment = header.version, header.fields, header.alignment
+        # the whole file, mapped read-only (page-aligned): tensor bytes and array items are read from it
+        self.mapped = np.memmap(self.path, dtype=np.uint8, mode="r")
         self.tensors: dict[str, TensorInfo] = _Tensors(self.path)
-        for t in self.reader.tensors:
+        for t in header.tensors:
             info = self._validated(t)
             self.tensors[info.name] = info
         self._check_vocab()
         self._check_layer_count()
 
-    def _validated(self, t) -> TensorInfo:
+    def _validated(self, t: RawTensor) -> TensorInfo:
         try:
-            qtype = QT(int(t.tensor_type))
+            qtype = QT(t.ggml_type)
         except ValueError:
-            raise ModelFileError(f"{self.path}: tensor {t.name} has unknown type {int(t.tensor_type)}") from None
-        if qtype in _SIZE_DISAGREES:
+            raise ModelFileError(f"{self.path}: tensor {t.name} has unknown type {t.ggml_type}") from None
+        if qtype in _SIZE_DISAGREES or qtype not in gguf.GGML_QUANT_SIZES:
             raise ModelFileError(f"{self.path}: tensor {t.name} has type {qtype.name}, which edgemoe cannot read "
                                  "(not a weight type); the file is corrupt or not for this engine")
-        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        shape = tuple(reversed(t.dims))
         block, type_bytes = gguf.GGML_QUANT_SIZES[qtype]
         if not shape or shape[-1] % block or any(d <= 0 for d in shape):
             raise ModelFileError(f"{self.path}: tensor {t.name} has invalid shape {shape} for {qtype.name}")
-        nbytes = int(np.prod(shape, dtype=np.int64)) // block * type_bytes
-        offset = int(t.data_offset)
-        if nbytes != int(t.n_bytes) or offset < 0 or offset + nbytes > self.size:
+        nbytes = math.prod(shape) // block * type_bytes
+        offset = t.offset
+        if offset + nbytes > self.size:
             raise ModelFileError(f"{self.path} is truncated or corrupt: tensor {t.name} needs bytes "
                                  f"{offset}..{offset + nbytes} but the file has {self.size}; re-create it")
         if offset % TENSOR_ALIGNMENT:
             # ggml wraps tensor bytes in place (a memmap is page-aligned, so file offset = address alignment)
             raise ModelFileError(f"{self.path}: tensor {t.name} starts at offset {offset}, not a multiple of "
-                                 f"{TENSOR_ALIGNMENT} (general.alignment {self.reader.alignment}); re-create the "
+                                 f"{TENSOR_ALIGNMENT} (general.alignment {self.alignment}); re-create the "
                                  "file with `edgemoe convert`")
         return TensorInfo(t.name, shape, qtype, offset, nbytes)
 
@@ -132,26 +133,41 @@ class GGUFFile:
     def _check_vocab(self) -> None:
         """llama.cpp aborts the process (GGML_ASSERT, no exception) on a vocabulary with two equal
         tokens, where a token is read as a C string (up to its first NUL byte): refuse it here."""
-        f = self.reader.get_field(VOCAB_KEY)
+        f = self.fields.get(VOCAB_KEY)
         if f is None:
             return
-        if f.types != [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING]:
+        if f.vtype != ARRAY or f.sub_type != STRING:
             raise ModelFileError(f"{self.path}: {VOCAB_KEY} is not an array of strings; re-create the file")
         seen: dict[bytes, int] = {}
-        for i, part in enumerate(f.data):
-            token = f.parts[part].tobytes().split(b"\0", 1)[0]
+        for i, raw in enumerate(array_values(self.mapped, f)):
+            token = raw.split(b"\0", 1)[0]
             if seen.setdefault(token, i) != i:
                 raise ModelFileError(f"{self.path}: {VOCAB_KEY} holds token {token!r} twice (ids {seen[token]} and "
                                      f"{i}); the vocabulary is corrupt, re-create the file")
 
     def field(self, key: str, default=None):
-        f = self.reader.get_field(key)
+        """A metadata value: int, float, bool, str, or a list of them (arrays are decoded on each call)."""
+        f = self.fields.get(key)
         if f is None:
             return default
         try:
-            return f.contents()
-        except (UnicodeDecodeError, ValueError, IndexError) as exc:
+            if f.vtype == STRING:
+                return f.value.decode("utf-8")
+            if f.vtype == ARRAY:
+                items = array_values(self.mapped, f)
+                return [b.decode("utf-8") for b in items] if f.sub_type == STRING else items
+            return f.value
+        except UnicodeDecodeError as exc:
             raise ModelFileError(f"{self.path}: metadata {key!r} is corrupt ({exc}); re-create the file") from None
+
+    def raw_field(self, key: str):
+        """A metadata value as stored: strings as bytes, arrays as lists (of bytes for strings)."""
+        f = self.fields[key]
+        return array_values(self.mapped, f) if f.vtype == ARRAY else f.value
+
+    def array_length(self, key: str) -> int | None:
+        f = self.fields.get(key)
+        return f.count if f is not None and f.vtype == ARRAY else None
 
     def require(self, key: str):
         value = self.field(key)
@@ -167,82 +183,9 @@ class GGUFFile:
         return self.field(f"{self.arch}.{name}", default)
 
     def keys(self) -> list[str]:
-        return list(self.reader.fields)
+        return list(self.fields)
 
     def data(self, name: str) -> np.ndarray:
         """Raw bytes of a tensor as a read-only memmap slice (no copy)."""
         info = self.tensors[name]
-        return self.reader.data[info.offset:info.offset + info.nbytes]
-
-
-# GGUF value types (gguf.GGUFValueType) -> byte size of a scalar; 8 = string, 9 = array
-_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_STRING, _ARRAY = 8, 9
-_MAX_DIMS = 4  # GGML_MAX_DIMS
-
-
-def _check_structure(path: Path, size: int) -> None:
-    """Walk the header, key/value pairs and tensor infos, checking every count and length against
-    the bytes left in the file, before gguf.GGUFReader parses them: that reader loops once per
-    declared array item (an absurd count would run for ever, allocating as it goes)."""
-    if size < 24:
-        raise ModelFileError(f"{path} is truncated: {size} bytes, a GGUF header alone is 24; re-create it")
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        pos = 0
-
-        def take(n: int, what: str) -> int:
-            nonlocal pos
-            if n > size - pos:
-                raise ModelFileError(f"{path} is truncated or corrupt: {what} at offset {pos} needs {n} bytes, "
-                                     f"the file has {size - pos} left; re-create it with `edgemoe convert`")
-            at, pos = pos, pos + n
-            return at
-
-        def u32(what: str) -> int:
-            return struct.unpack_from("<I", m, take(4, what))[0]
-
-        def u64(what: str) -> int:
-            return struct.unpack_from("<Q", m, take(8, what))[0]
-
-        def string(what: str) -> str:
-            n = u64(what + " length")
-            at = take(n, what)
-            return m[at:at + min(n, 200)].decode("utf-8", "replace")
-
-        def value(vtype: int, what: str, depth: int = 0) -> None:
-            if vtype in _SCALAR_BYTES:
-                take(_SCALAR_BYTES[vtype], what)
-            elif vtype == _STRING:
-                string(what)
-            elif vtype == _ARRAY and depth == 0:
-                itype, count = u32(what + " item type"), u64(what + " length")
-                if itype in _SCALAR_BYTES:
-                    take(count * _SCALAR_BYTES[itype], what)
-                    return
-                if itype not in (_STRING, _ARRAY):
-                    raise ModelFileError(f"{path}: {what} has unknown item type {itype}; the file is corrupt")
-                if count * 8 > size - pos:  # each item is at least a u64 length (or type + length)
-                    take(count * 8, what)
-                for _ in range(count):
-                    value(itype, what, depth + 1)
-            elif vtype == _ARRAY:
-                raise ModelFileError(f"{path}: {what} is an array of arrays, which no model file holds; "
-                                     "the file is corrupt")
-            else:
-                raise ModelFileError(f"{path}: {what} has unknown value type {vtype}; the file is corrupt")
-
-        version = struct.unpack_from("<I", m, 4)[0]
-        if version not in (2, 3):
-            raise ModelFileError(f"{path}: GGUF version {version} is not supported (2 or 3); re-create the file")
-        n_tensors, n_kv = struct.unpack_from("<QQ", m, 8)
-        pos = 24
-        for i in range(n_kv):
-            key = string(f"key {i}")
-            value(u32(f"key {key!r} type"), f"the value of {key!r}")
-        for i in range(n_tensors):
-            string(f"tensor info {i} name")
-            n_dims = u32(f"tensor info {i} dimensions")
-            if not 1 <= n_dims <= _MAX_DIMS:
-                raise ModelFileError(f"{path}: tensor info {i} has {n_dims} dimensions (1..{_MAX_DIMS}); "
-                                     "the file is corrupt")
-            take(8 * n_dims + 4 + 8, f"tensor info {i}")
+        return self.mapped[info.offset:info.offset + info.nbytes]

@@ -51,16 +51,9 @@ class KV:
     sub_type: VT | None = None
 
 
-def _stored(field) -> KV:
-    main = VT(field.types[0])
-    if main == VT.STRING:
-        return KV(field.parts[field.data[0]].tobytes(), main)
-    if main == VT.ARRAY:
-        sub = VT(field.types[-1])
-        if sub == VT.STRING:
-            return KV([field.parts[i].tobytes() for i in field.data], main, sub)
-        return KV(np.concatenate([field.parts[i] for i in field.data]).tolist() if field.data else [], main, sub)
-    return KV(field.parts[field.data[0]].tolist()[0], main)
+def _stored(model: GGUFFile, key: str) -> KV:
+    f = model.fields[key]
+    return KV(model.raw_field(key), VT(f.vtype), VT(f.sub_type) if f.sub_type is not None else None)
 
 
 def rewrite(model: GGUFFile, out: Path, tensors: list[TensorSource], set_kv: dict[str, KV] | None = None,
@@ -73,10 +66,10 @@ def rewrite(model: GGUFFile, out: Path, tensors: list[TensorSource], set_kv: dic
     if alignment is not None:
         w.add_custom_alignment(int(alignment))
     set_kv = set_kv or {}
-    for key, field in model.reader.fields.items():
-        if key.startswith("GGUF.") or key in _SKIPPED_KEYS or key in drop_kv or key in set_kv:
+    for key in model.fields:
+        if key in _SKIPPED_KEYS or key in drop_kv or key in set_kv:
             continue
-        kv = _stored(field)
+        kv = _stored(model, key)
         if kv.vtype == VT.ARRAY and not kv.value:
             continue  # gguf-py cannot write an empty array (and it carries nothing)
         w.add_key_value(key, kv.value, kv.vtype, sub_type=kv.sub_type)

@@ -125,9 +125,9 @@ def check_model(m: GGUFFile) -> None:
 def _vocab(c: _Check, hidden: int) -> None:
     """Embeddings and output rows: one per vocabulary token (a token id past them would index out
     of the table, and a sampled id past the vocabulary would reach llama.cpp's detokenizer)."""
-    field = c.m.reader.get_field(VOCAB_KEY)
-    if field is not None:
-        n_vocab, source = len(field.data), VOCAB_KEY
+    n_vocab = c.m.array_length(VOCAB_KEY)
+    if n_vocab is not None:
+        source = VOCAB_KEY
     else:
         n_vocab, source = c.width("token_embd.weight", 0, 2), "token_embd.weight"
     has_output = "output.weight" in c.m.tensors

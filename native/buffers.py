@@ -89,7 +89,7 @@ class FileWeights:
     repacked copy, read from the file (its mapped pages are not touched)."""
 
     def __init__(self, model, repack: bool = False):
-        data = model.reader.data  # the whole file, mapped read-only (page-aligned)
+        data = model.mapped  # the whole file, mapped read-only (page-aligned)
         self.model, self.repack = model, repack
         self.host = HostTensors(data.ctypes.data, model.size, max_tensors=len(model.tensors) + 1,
                                 what=str(model.path))
