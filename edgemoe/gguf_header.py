@@ -64,7 +64,7 @@ class Header:
 def read_header(path: Path, size: int) -> Header:
     """Walk the file; HeaderError on anything truncated, absurd or of an unknown type."""
     if size < 24:
-        raise HeaderError(f"truncated: {size} bytes, a GGUF header alone is 24")
+        raise HeaderError(f"{size} bytes, a GGUF header alone is 24")
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
         return _Walk(m, size).header()
 
@@ -75,7 +75,7 @@ class _Walk:
 
     def take(self, n: int, what: str) -> int:
         if n > self.size - self.pos:
-            raise HeaderError(f"truncated or corrupt: {what} at offset {self.pos} needs {n} bytes, "
+            raise HeaderError(f"{what} at offset {self.pos} needs {n} bytes, "
                               f"the file has {self.size - self.pos} left")
         at, self.pos = self.pos, self.pos + n
         return at
