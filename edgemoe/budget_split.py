@@ -27,6 +27,7 @@ import numpy as np
 HALF_LIVES = (1, 2, 4, 8, 16, 32, 64)  # tokens; LRU and LFU are the two ends of the same family
 ORDERINGS = ("lru",) + tuple(f"lrfu{h}" for h in HALF_LIVES) + ("lfu",)
 _ROWS = np.arange(len(ORDERINGS))
+_LFU = ORDERINGS.index("lfu")
 _KEEP = np.array([2.0 ** (-1.0 / h) for h in HALF_LIVES])[:, None]  # per step, each half-life's decay
 
 
@@ -73,7 +74,9 @@ class LayerCurves:
         if seen:
             v = self.value_matrix()
             ranks = np.count_nonzero(v[:, None, :] > v[:, seen][:, :, None], axis=2)   # [O, n]
-            np.add.at(self.at_rank, (np.broadcast_to(_ROWS[:, None], ranks.shape), ranks), 1)
+            # ranks may repeat within a row (equal values): bincount adds each (np.add.at, ~3x slower)
+            flat = (ranks + (_ROWS * self.n_experts)[:, None]).ravel()
+            self.at_rank += np.bincount(flat, minlength=self.at_rank.size).reshape(self.at_rank.shape)
         self.pending.extend(zip(experts, clocks, slots))
 
     def end_step(self, resident_experts: int | None) -> None:
@@ -100,29 +103,30 @@ class LayerCurves:
 
     def replan(self, resident_experts: int) -> None:
         """Best ordering at the layer's current size, hull slopes of the best curve, and each
-        expert's worth (the slope at its rank)."""
-        stacked = np.concatenate((np.zeros((len(ORDERINGS), 1)), np.cumsum(self.at_rank, axis=1)), axis=1)
-        curves = dict(zip(ORDERINGS, stacked))
+        expert's worth (the slope at its rank). Runs once per layer step inside the eval callback,
+        where each numpy call costs several us (llama.cpp's compute has just flushed the caches):
+        few calls, the hull in plain Python."""
+        cum = np.cumsum(self.at_rank, axis=1)  # [O, E]: curve point c (c = 1..E) is cum[:, c - 1]; point 0 is 0
         at = min(resident_experts, self.n_experts)
-        # the highest curve over the sizes the layer holds while it runs: its share moves by one
-        # expert with each miss or eviction, and one point of a short history's curve is mostly
-        # noise (the demo's 8-expert layers switched orderings on one-access leads); on a tie
-        # frequency, then the grid's order
-        near = slice(max(at - 1, 0), at + 2)
-        self.ordering = max(ORDERINGS, key=lambda o: (curves[o][near].sum(), o == "lfu", -ORDERINGS.index(o)))
-        self.slope = hull_slopes(stacked.max(axis=0))
-        v = self.values(self.ordering)
-        rank = np.empty(self.n_experts, np.int64)
-        rank[np.argsort(-v, kind="stable")] = np.arange(self.n_experts)
-        self.worth = self.slope[np.minimum(rank + 1, self.n_experts)]
+        # the highest curve over the sizes the layer holds while it runs (points at-1..at+1): its
+        # share moves by one expert with each miss or eviction, and one point of a short history's
+        # curve is mostly noise (the demo's 8-expert layers switched orderings on one-access
+        # leads); on a tie frequency, then the grid's order
+        near = cum[:, max(at - 1, 1) - 1:min(at + 2, self.n_experts + 1) - 1].sum(axis=1).tolist()
+        best = max(range(len(ORDERINGS)), key=lambda i: (near[i], i == _LFU, -i))
+        self.ordering = ORDERINGS[best]
+        self.slope = hull_slopes([0.0] + cum.max(axis=0).tolist())
+        order = np.argsort(-self.value_matrix()[best], kind="stable")  # experts by rank
+        self.worth = np.empty(self.n_experts)
+        self.worth[order] = self.slope[1:]
 
 
-def hull_slopes(curve: np.ndarray) -> np.ndarray:
+def hull_slopes(curve) -> np.ndarray:
     """[len(curve)] slope of the upper concave hull of `curve` on the step into each size
     (index 0 unused): non-increasing, so a layer's deeper ranks are never worth more. The curve
     is cumulative (non-decreasing), so a point level with its predecessor is never a strict
     vertex unless it is the last: such points are skipped before the scan."""
-    heights = curve.tolist()
+    heights = curve.tolist() if isinstance(curve, np.ndarray) else list(curve)
     n = len(heights)
     xs: list[int] = []
     ys: list[float] = []
@@ -135,12 +139,12 @@ def hull_slopes(curve: np.ndarray) -> np.ndarray:
             ys.pop()
         xs.append(c)
         ys.append(h)
-    slopes = np.zeros(n)
-    if len(xs) >= 2:
-        x, y = np.array(xs), np.array(ys)
-        dx = np.diff(x)
-        slopes[1:x[-1] + 1] = np.repeat(np.diff(y) / dx, dx)
-    return slopes
+    slopes = [0.0] * n
+    for i in range(1, len(xs)):
+        s = (ys[i] - ys[i - 1]) / (xs[i] - xs[i - 1])
+        for c in range(xs[i - 1] + 1, xs[i] + 1):
+            slopes[c] = s
+    return np.array(slopes)
 
 
 def allocate(curves: dict[int, LayerCurves], slot_bytes: dict[int, int], budget_bytes: int) -> dict[int, int]:
