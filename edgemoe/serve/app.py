@@ -45,7 +45,7 @@ def create_app(backend, options: ServeOptions = ServeOptions()) -> FastAPI:
     metrics = Metrics(model_id, backend.name, backend.controls_cache)
     runner = Runner(backend, metrics, options.max_waiting)
     fmt = prompt_format(info.chat_template)
-    n_vocab = len(GGUFFile(info.summary.path).field("tokenizer.ggml.tokens") or ())
+    n_vocab = GGUFFile(info.summary.path).array_length("tokenizer.ggml.tokens") or 0
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
