@@ -111,9 +111,9 @@ def add_hparams(w: gguf.GGUFWriter, spec: SliceSpec) -> None:
     w.add_vocab_size(shape.vocab)
 
 
-def write_slice(out: str | Path, spec: SliceSpec, out_type: str) -> Path:
+def write_slice(out: str | Path, spec: SliceSpec, out_type: str, on_progress=None) -> Path:
     """Metadata, the demo's BPE padded to the vocab size, then the tensors of `spec.plan(qtype)`,
-    written atomically in llama.cpp's stock layout."""
+    written atomically in llama.cpp's stock layout (`on_progress(done, total, name)` as convert's)."""
     qtype, file_type = parse_output_type(out_type)
     w = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[spec.arch])
     w.add_name(spec.name)
@@ -121,7 +121,7 @@ def write_slice(out: str | Path, spec: SliceSpec, out_type: str) -> Path:
     w.add_file_type(int(file_type))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     write_vocab(w, demo_dir(), spec.shape.vocab)
-    write_gguf(w, spec.plan(qtype), qtype, Path(out))
+    write_gguf(w, spec.plan(qtype), qtype, Path(out), on_progress)
     return Path(out)
 
 
@@ -149,8 +149,15 @@ def slice_main(spec_for: Callable[[int, int], SliceSpec], doc: str, default_laye
                    help="with --mixed-bits: a type per expert (default) or one per layer, as `edgemoe convert --mixed-per`")
     a = p.parse_args()
     spec = spec_for(a.layers, a.seed)
-    if a.mixed_bits is None:
-        print(write_slice(a.output, spec, a.type))
-    else:
-        print(write_mixed_slice(a.output, spec, a.mixed_bits, a.type, types=parse_candidate_types(a.mixed_types),
-                                per=a.mixed_per).summary())
+    from rich.console import Console
+
+    from edgemoe.commands.common import write_progress
+
+    # minutes of work (a 16-layer Qwen3 mix: ~10): the bar shows the tensor being written
+    with write_progress(Console(stderr=True), "writing" if a.mixed_bits is None else "planning types") as (bar, _):
+        if a.mixed_bits is None:
+            done = str(write_slice(a.output, spec, a.type, bar))
+        else:
+            done = write_mixed_slice(a.output, spec, a.mixed_bits, a.type, bar, parse_candidate_types(a.mixed_types),
+                                     a.mixed_per).summary()
+    print(done)

@@ -112,6 +112,22 @@ def routing_tap(path):
 
 
 @contextlib.contextmanager
+def write_progress(console, first: str = "converting"):
+    """A byte progress bar on `console` for writing a model file, gone when done; yields
+    (on_progress(done, total, tensor name), on_stage(text)) as the converters take them."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task(first, total=None)
+
+        def on_progress(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, description=name[:32].ljust(32))
+
+        yield on_progress, lambda text: bar.update(task, description=text)
+
+
+@contextlib.contextmanager
 def load_progress(backend: str = "edgemoe"):
     """A progress bar on stderr for what a backend reads at open: the experts the engine loads
     when the budget holds them all (~10 s for a 5 GiB slice here), llama.cpp's load of the file

@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from edgemoe.commands.common import write_progress
 from edgemoe.errors import InputError
 from edgemoe.gguf_file import GGUFFile
 
@@ -15,15 +16,9 @@ def convert_cmd(args: argparse.Namespace) -> int:
     from edgemoe.converters.convert import convert
 
     console = Console(stderr=True)
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                  console=console, transient=True) as bar:
-        task = bar.add_task("converting", total=None)
-
-        def on_progress(done: int, total: int, name: str) -> None:
-            bar.update(task, completed=done, total=total, description=name[:32].ljust(32))
-
+    with write_progress(console) as (on_progress, on_stage):
         if getattr(args, "mixed", False):
-            return _convert_mixed(args, console, on_progress, lambda text: bar.update(task, description=text))
+            return _convert_mixed(args, console, on_progress, on_stage)
         if (args.expert_bytes is not None or args.avg_bits is not None or args.calibration is not None
                 or args.mixed_types is not None or args.mixed_per != "expert"):
             raise InputError("--expert-bytes, --avg-bits, --calibration, --mixed-types and --mixed-per need --mixed")
