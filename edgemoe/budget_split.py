@@ -58,10 +58,6 @@ class LayerCurves:
             self._values = np.vstack([self.last[None], self.decayed + tie, (self.count + tie)[None]])
         return self._values
 
-    def values(self, ordering: str) -> np.ndarray:
-        """[E] keep-value under `ordering`."""
-        return self.value_matrix()[ORDERINGS.index(ordering)]
-
     def access(self, e: int, clock: int, slots: int = 1) -> None:
         if self.last[e] >= 0:  # a first access hits at no share size
             v = self.value_matrix()
@@ -121,18 +117,17 @@ class LayerCurves:
         self.worth[order] = self.slope[1:]
 
 
-def hull_slopes(curve) -> np.ndarray:
+def hull_slopes(curve: list[float]) -> np.ndarray:
     """[len(curve)] slope of the upper concave hull of `curve` on the step into each size
     (index 0 unused): non-increasing, so a layer's deeper ranks are never worth more. The curve
     is cumulative (non-decreasing), so a point level with its predecessor is never a strict
     vertex unless it is the last: such points are skipped before the scan."""
-    heights = curve.tolist() if isinstance(curve, np.ndarray) else list(curve)
-    n = len(heights)
+    n = len(curve)
     xs: list[int] = []
     ys: list[float] = []
     for c in range(n):
-        h = heights[c]
-        if 0 < c < n - 1 and h == heights[c - 1]:
+        h = curve[c]
+        if 0 < c < n - 1 and h == curve[c - 1]:
             continue
         while len(xs) >= 2 and (ys[-1] - ys[-2]) * (c - xs[-2]) <= (h - ys[-2]) * (xs[-1] - xs[-2]):
             xs.pop()

@@ -84,7 +84,7 @@ class GGUFFile:
             header = read_header(self.path, self.size)
         except HeaderError as exc:
             raise ModelFileError(f"{self.path} is truncated or corrupt: {exc}; re-create it with `edgemoe convert`") from None
-        self.version, self.fields, self.alignment = header.version, header.fields, header.alignment
+        self.fields, self.alignment = header.fields, header.alignment
         # the whole file, mapped read-only (page-aligned): tensor bytes and array items are read from it
         self.mapped = np.memmap(self.path, dtype=np.uint8, mode="r")
         self.tensors: dict[str, TensorInfo] = _Tensors(self.path)

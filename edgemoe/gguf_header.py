@@ -54,15 +54,14 @@ class RawTensor:
 
 @dataclass(frozen=True)
 class Header:
-    version: int
     fields: dict[str, Field]
     tensors: list[RawTensor]
     alignment: int
-    data_start: int
 
 
 def read_header(path: Path, size: int) -> Header:
-    """Walk the file; HeaderError on anything truncated, absurd or of an unknown type."""
+    """Walk a file that starts with the GGUF magic (GGUFFile checks it first, with its own
+    message); HeaderError on anything truncated, absurd or of an unknown type."""
     if size < 24:
         raise HeaderError(f"{size} bytes, a GGUF header alone is 24")
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
@@ -118,8 +117,6 @@ class _Walk:
         return Field(vtype, None, itype, at, count)
 
     def header(self) -> Header:
-        if bytes(self.m[:4]) != b"GGUF":
-            raise HeaderError(f"not a GGUF file (starts with {bytes(self.m[:4])!r})")
         version = struct.unpack_from("<I", self.m, 4)[0]
         if version not in (2, 3):
             raise HeaderError(f"GGUF version {version} is not supported (2 or 3)")
@@ -133,7 +130,7 @@ class _Walk:
             fields[key] = self.value(self.u32(f"key {key!r} type"), f"the value of {key!r}")
         if n_tensors * 24 > self.size - self.pos:  # name length, dimensions, type, offset at least
             self.take(n_tensors * 24, "tensor infos")
-        tensors, names = [], set()
+        infos, names = [], set()  # (name, dims, type, offset from the data section's start)
         for i in range(n_tensors):
             name = _text(self.string(f"tensor info {i} name"), f"tensor info {i} name")
             n_dims = self.u32(f"tensor {name} dimensions")
@@ -144,11 +141,11 @@ class _Walk:
             if name in names:
                 raise HeaderError(f"tensor {name!r} appears twice")
             names.add(name)
-            tensors.append(RawTensor(name, tuple(dims), ggml_type, offset))
+            infos.append((name, tuple(dims), ggml_type, offset))
         alignment = _alignment(fields.get(ALIGNMENT_KEY))
         data_start = -(-self.pos // alignment) * alignment
-        return Header(version, fields, [RawTensor(t.name, t.dims, t.ggml_type, data_start + t.offset)
-                                        for t in tensors], alignment, data_start)
+        return Header(fields, [RawTensor(name, dims, ggml_type, data_start + offset)
+                               for name, dims, ggml_type, offset in infos], alignment)
 
 
 def _text(raw: bytes, what: str) -> str:

@@ -154,10 +154,10 @@ def slice_main(spec_for: Callable[[int, int], SliceSpec], doc: str, default_laye
     from edgemoe.commands.common import write_progress
 
     # minutes of work (a 16-layer Qwen3 mix: ~10): the bar shows the tensor being written
-    with write_progress(Console(stderr=True), "writing" if a.mixed_bits is None else "planning types") as (bar, _):
+    with write_progress(Console(stderr=True), "writing" if a.mixed_bits is None else "planning types") as (on_progress, _):
         if a.mixed_bits is None:
-            done = str(write_slice(a.output, spec, a.type, bar))
+            done = str(write_slice(a.output, spec, a.type, on_progress))
         else:
-            done = write_mixed_slice(a.output, spec, a.mixed_bits, a.type, bar, parse_candidate_types(a.mixed_types),
-                                     a.mixed_per).summary()
+            done = write_mixed_slice(a.output, spec, a.mixed_bits, a.type, on_progress,
+                                     parse_candidate_types(a.mixed_types), a.mixed_per).summary()
     print(done)
